@@ -1,0 +1,51 @@
+# One entry point for setup, checks and the demo. Every target is idempotent: run twice,
+# the second run does (almost) nothing.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_DATA ?= data/demo
+DEMO_RUN ?= runs/demo
+MODELS ?= models
+GRPC_PORT ?= 50051
+METRICS_PORT ?= 9090
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help setup proto test lint demo-data demo-model serve clean
+
+help:  ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[train,dev]'
+	touch $@
+
+setup: $(STAMP) proto  ## venv in .venv with the project, training and dev extras; generated protobuf code
+
+proto: $(STAMP)  ## generate the gRPC Python code from proto/ (never committed)
+	@if [ -d proto ] && ls proto/classifier/v1/*.proto >/dev/null 2>&1; then \
+		$(PY) -m service.protogen; \
+	fi
+
+test: setup  ## the test suite
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: setup  ## ruff (lint + format check), mypy, hadolint
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy service training tests
+	@if [ -f Dockerfile ]; then $(VENV)/bin/hadolint Dockerfile; fi
+
+demo-data: setup  ## build the offline demo dataset (digits on photos) in data/demo
+	$(PY) -m training -q demo-data --root $(DEMO_DATA)
+
+demo-model: demo-data  ## train the demo model (about 5 minutes on 2 cores)
+	@if [ -f $(DEMO_RUN)/best.pt ]; then echo "demo model already trained: $(DEMO_RUN)/best.pt"; \
+	else $(PY) -m training -q train --config training/configs/demo.yaml --data $(DEMO_DATA) --output $(DEMO_RUN); fi
+
+clean:  ## remove generated code, caches (keeps .venv, data, runs, models)
+	rm -rf service/proto_gen .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,291 @@
+"""Image bytes → the model's uint8 NHWC input: decode, limits, orientation, colour, resize.
+
+This module owns the resize policy on the serving side. Training's eval transform
+(``training.presets``) uses the same geometry functions and the same loader, and a test
+keeps the two equal, so a model sees the same pixels in production as in evaluation.
+
+Everything here is pure Python + Pillow + NumPy and thread-safe: the server runs it in a
+thread pool so that decoding overlaps inference (Pillow releases the GIL while decoding
+and resizing).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from service.errors import InvalidImageError, LimitExceededError
+from service.model_spec import Interpolation, ModelSpec, Preprocessing, ResizeMode
+
+# Pillow opens MPO (multi-picture JPEG from cameras) through its JPEG plugin.
+SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+
+_RESAMPLE = {
+    Interpolation.NEAREST: Image.Resampling.NEAREST,
+    Interpolation.BILINEAR: Image.Resampling.BILINEAR,
+    Interpolation.BICUBIC: Image.Resampling.BICUBIC,
+}
+
+# EXIF orientations 5..8 swap width and height.
+_EXIF_ORIENTATION_TAG = 0x0112
+_TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
+
+# Our own pixel limit is checked from the header before any decoding; Pillow's global
+# bomb check would otherwise fire first with a less helpful message, so it is disabled
+# and ours is the one in force.
+Image.MAX_IMAGE_PIXELS = None
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_bytes: int = 20 * 1024 * 1024
+    max_pixels: int = 40_000_000
+    # JPEG draft mode lets libjpeg decode at 1/2, 1/4 or 1/8 scale. It is used only when
+    # the reduced image is still at least this many times the resize target on each side,
+    # so the final antialiased resize still has real pixels to work from. 0 disables it.
+    jpeg_draft_factor: float = 2.0
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How one original image maps onto the model input.
+
+    An original pixel coordinate x maps to ``x * scale_x + offset_x`` in the input tensor
+    (same for y). ``resized`` is the size after the resize step, before crop or pad.
+    """
+
+    original_width: int
+    original_height: int
+    resized_width: int
+    resized_height: int
+    scale_x: float
+    scale_y: float
+    offset_x: float
+    offset_y: float
+
+    def to_original(self, box: tuple[float, float, float, float]) -> tuple[float, ...]:
+        """Input-pixel xyxy → original-pixel xyxy, clipped to the original image."""
+        x0, y0, x1, y1 = box
+        ox = [(x - self.offset_x) / self.scale_x for x in (x0, x1)]
+        oy = [(y - self.offset_y) / self.scale_y for y in (y0, y1)]
+        w, h = self.original_width, self.original_height
+        return (
+            float(np.clip(ox[0], 0, w)),
+            float(np.clip(oy[0], 0, h)),
+            float(np.clip(ox[1], 0, w)),
+            float(np.clip(oy[1], 0, h)),
+        )
+
+
+def shorter_side_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """torchvision's Resize(int): shorter side to ``size``, longer side truncated."""
+    if width <= height:
+        return size, int(size * height / width)
+    return int(size * width / height), size
+
+
+def letterbox_size(width: int, height: int, target_w: int, target_h: int) -> tuple[int, int]:
+    scale = min(target_w / width, target_h / height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def center_offset(size: int, target: int) -> int:
+    # Same expression as torchvision's center_crop, so both sides crop the same pixels.
+    return round((size - target) / 2.0)
+
+
+def plan_geometry(width: int, height: int, prep: Preprocessing, in_h: int, in_w: int) -> Geometry:
+    if prep.resize_mode is ResizeMode.CENTER_CROP:
+        rw, rh = shorter_side_size(width, height, prep.resize_size)
+        left, top = center_offset(rw, in_w), center_offset(rh, in_h)
+        return Geometry(width, height, rw, rh, rw / width, rh / height, -left, -top)
+    if prep.resize_mode is ResizeMode.LETTERBOX:
+        rw, rh = letterbox_size(width, height, in_w, in_h)
+        left, top = (in_w - rw) // 2, (in_h - rh) // 2
+        return Geometry(width, height, rw, rh, rw / width, rh / height, left, top)
+    return Geometry(width, height, in_w, in_h, in_w / width, in_h / height, 0.0, 0.0)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode → RGB. Transparency is composited over white (what a viewer shows);
+    16/32-bit greyscale is scaled, not clipped, to 8 bits."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        arr = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        grey = np.clip(arr * (255.0 / peak) + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if mode == "F":
+        grey = np.clip(np.asarray(image, dtype=np.float64) + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        mode == "P" and "transparency" in image.info
+    )
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def open_image(
+    data: bytes,
+    limits: ImageLimits,
+    draft_target: Callable[[int, int], tuple[int, int]] | None = None,
+    index: int | None = None,
+) -> Image.Image:
+    """Decode encoded bytes to an upright RGB image, enforcing the byte and pixel limits.
+
+    ``draft_target`` maps the (width, height) from the header to the size the image will be
+    resized to; JPEGs much larger than that are decoded at a reduced scale.
+    """
+    if not data:
+        raise InvalidImageError("empty image bytes", index=index)
+    if len(data) > limits.max_bytes:
+        raise LimitExceededError("encoded size in bytes", len(data), limits.max_bytes, index=index)
+    try:
+        image = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
+    except UnidentifiedImageError:
+        raise InvalidImageError(
+            "not a decodable image (supported formats: JPEG, PNG, WebP, BMP, GIF, TIFF)",
+            index=index,
+        ) from None
+    except Exception as exc:  # Pillow raises many types for malformed headers
+        raise InvalidImageError(f"cannot read image header: {exc}", index=index) from None
+    width, height = image.size
+    if width <= 0 or height <= 0:
+        raise InvalidImageError(f"image has no pixels ({width}x{height})", index=index)
+    if width * height > limits.max_pixels:
+        raise LimitExceededError(
+            f"pixel count ({width}x{height})", width * height, limits.max_pixels, index=index
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # EXIF/metadata warnings are not the caller's error
+            orientation = image.getexif().get(_EXIF_ORIENTATION_TAG, 1)
+            if draft_target is not None and image.format in ("JPEG", "MPO"):
+                target = draft_target(width, height)
+                _apply_draft(image, target, orientation, limits.jpeg_draft_factor)
+            if getattr(image, "n_frames", 1) > 1:
+                image.seek(0)  # animated GIF/WebP, multi-page TIFF: the first frame
+            image.load()
+            upright: Image.Image = image
+            if orientation != 1:
+                upright = ImageOps.exif_transpose(image)
+            return to_rgb(upright)
+    except (InvalidImageError, LimitExceededError):
+        raise
+    except Exception as exc:
+        raise InvalidImageError(f"cannot decode {image.format} image: {exc}", index=index) from None
+
+
+def _apply_draft(
+    image: Image.Image, target: tuple[int, int], orientation: int, factor: float
+) -> None:
+    if factor <= 0:
+        return
+    tw, th = target
+    if orientation in _TRANSPOSING_ORIENTATIONS:
+        tw, th = th, tw
+    # draft() picks the largest reduction keeping both sides >= the requested size.
+    request = (int(tw * factor), int(th * factor))
+    if image.size[0] >= 2 * request[0] and image.size[1] >= 2 * request[1]:
+        image.draft("RGB", request)
+
+
+def resize_target_for(spec: ModelSpec) -> Callable[[int, int], tuple[int, int]]:
+    """(width, height) from a header → the size the resize step will produce.
+
+    Used only to choose a JPEG draft scale; the exact resize is recomputed from the decoded
+    size, so a draft-reduced image goes through the same policy.
+    """
+
+    def target(width: int, height: int) -> tuple[int, int]:
+        g = plan_geometry(width, height, spec.preprocessing, spec.input.height, spec.input.width)
+        return g.resized_width, g.resized_height
+
+    return target
+
+
+def resize_to_input(
+    image: Image.Image, prep: Preprocessing, in_h: int, in_w: int, out: np.ndarray | None = None
+) -> tuple[np.ndarray, Geometry]:
+    """Resize an RGB image exactly as the eval transform does, into ``out`` (H, W, 3) uint8."""
+    width, height = image.size
+    geometry = plan_geometry(width, height, prep, in_h, in_w)
+    if out is None:
+        out = np.empty((in_h, in_w, 3), dtype=np.uint8)
+    resample = _RESAMPLE[prep.interpolation]
+    size = (geometry.resized_width, geometry.resized_height)
+    resized = image if image.size == size else image.resize(size, resample)
+    if prep.resize_mode is ResizeMode.CENTER_CROP:
+        left, top = int(-geometry.offset_x), int(-geometry.offset_y)
+        out[...] = np.asarray(resized.crop((left, top, left + in_w, top + in_h)))
+    elif prep.resize_mode is ResizeMode.LETTERBOX:
+        left, top = int(geometry.offset_x), int(geometry.offset_y)
+        out[...] = prep.pad_value
+        out[top : top + size[1], left : left + size[0]] = np.asarray(resized)
+    else:
+        out[...] = np.asarray(resized)
+    return out, geometry
+
+
+def preprocess_encoded(
+    data: bytes,
+    spec: ModelSpec,
+    limits: ImageLimits,
+    out: np.ndarray | None = None,
+    index: int | None = None,
+) -> tuple[np.ndarray, Geometry]:
+    """Encoded image bytes → (uint8 HxWx3 model input, geometry back to the original)."""
+    image = open_image(data, limits, resize_target_for(spec), index=index)
+    return resize_to_input(image, spec.preprocessing, spec.input.height, spec.input.width, out)
+
+
+def raw_to_image(
+    height: int, width: int, rgb: bytes, limits: ImageLimits, index: int | None = None
+) -> Image.Image:
+    """A RawImage (H×W×3 uint8, row-major) → RGB image, after checking its declared shape."""
+    if height <= 0 or width <= 0:
+        raise InvalidImageError(f"raw image has no pixels ({width}x{height})", index=index)
+    if height * width > limits.max_pixels:
+        raise LimitExceededError(
+            f"pixel count ({width}x{height})", height * width, limits.max_pixels, index=index
+        )
+    expected = height * width * 3
+    if len(rgb) != expected:
+        raise InvalidImageError(
+            f"raw image declared {height}x{width}x3 = {expected:,} bytes but carries "
+            f"{len(rgb):,} bytes",
+            index=index,
+        )
+    array = np.frombuffer(rgb, dtype=np.uint8).reshape(height, width, 3)
+    return Image.fromarray(array, mode="RGB")
+
+
+def preprocess_raw(
+    height: int,
+    width: int,
+    rgb: bytes,
+    spec: ModelSpec,
+    limits: ImageLimits,
+    out: np.ndarray | None = None,
+    index: int | None = None,
+) -> tuple[np.ndarray, Geometry]:
+    image = raw_to_image(height, width, rgb, limits, index=index)
+    return resize_to_input(image, spec.preprocessing, spec.input.height, spec.input.width, out)
+
+
+def load_rgb(path: str, limits: ImageLimits | None = None) -> Image.Image:
+    """Read an image file as upright RGB with the serving loader (no draft, no size cap
+    beyond the limits given). Training and evaluation use this so they see what serving sees."""
+    with open(path, "rb") as handle:
+        data = handle.read()
+    return open_image(data, limits or ImageLimits(max_bytes=1 << 40, max_pixels=1 << 40))

@@ -1,0 +1,112 @@
+"""Backbone registry, heads, freezing and weight loading."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torchvision
+
+from training.models import (
+    BACKBONES,
+    PretrainedWeightsError,
+    build_model,
+    load_backbone_weights,
+)
+
+
+@pytest.mark.parametrize("name", list(BACKBONES))
+def test_every_backbone_builds_with_heads_and_runs(name: str) -> None:
+    model = build_model(name, num_classes=7, input_size=(64, 64), with_boxes=True)
+    model.eval()
+    with torch.no_grad():
+        logits, boxes, features = model(torch.randn(2, 3, 64, 64))
+    assert logits.shape == (2, 7)
+    assert boxes is not None and boxes.shape == (2, 4)
+    assert bool(((boxes >= 0) & (boxes <= 1)).all())
+    assert bool((boxes[:, 0] <= boxes[:, 2]).all() and (boxes[:, 1] <= boxes[:, 3]).all())
+    assert features.shape[:2] == (2, BACKBONES[name].feature_channels)
+
+
+def test_unknown_backbone_lists_the_choices() -> None:
+    with pytest.raises(ValueError, match="choose one of: resnet18, resnet34"):
+        build_model("resnet19", 3, (64, 64), with_boxes=False)
+
+
+def test_classifier_only_model_has_no_box_head() -> None:
+    model = build_model("resnet18", 3, (64, 64), with_boxes=False)
+    assert model.box_head is None
+    assert model(torch.randn(1, 3, 64, 64))[1] is None
+
+
+def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_stage_one_freezing_really_freezes() -> None:
+    torch.manual_seed(0)
+    model = build_model("resnet18", 4, (64, 64), with_boxes=True)
+    model.freeze_backbone(0)
+    model.train()
+    trunk_before, head_before = _snapshot(model.trunk), _snapshot(model.classifier)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    logits, boxes, _ = model(torch.randn(8, 3, 64, 64))
+    assert boxes is not None
+    (torch.nn.functional.cross_entropy(logits, torch.arange(8) % 4) + boxes.sum()).backward()
+    optimizer.step()
+    assert all(not p.requires_grad for p in model.trunk.parameters())
+    for key, value in _snapshot(model.trunk).items():  # weights AND BatchNorm running stats
+        assert torch.equal(value, trunk_before[key]), key
+    assert not torch.equal(model.classifier.weight, head_before["weight"])
+    assert all(not m.training for m in model.trunk.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def test_stage_two_unfreezes_top_blocks_only() -> None:
+    model = build_model("mobilenet_v3_small", 4, (64, 64), with_boxes=False)
+    model.freeze_backbone(3)
+    model.train()
+    blocks = model.trunk.blocks()
+    for block in blocks[:-3]:
+        assert all(not p.requires_grad for p in block.parameters())
+        assert all(not m.training for m in block.modules())
+    for block in blocks[-3:]:
+        assert all(p.requires_grad for p in block.parameters())
+    model.freeze_backbone(None)
+    assert all(p.requires_grad for p in model.trunk.parameters())
+
+
+def test_weights_file_in_torchvision_format_loads_trunk_and_leaves_heads(tmp_path: Path) -> None:
+    reference = torchvision.models.resnet18(num_classes=1000)
+    path = tmp_path / "resnet18.pth"
+    torch.save(reference.state_dict(), path)
+    model = build_model("resnet18", 5, (64, 64), with_boxes=True, weights_file=path)
+    net: Any = model.trunk.net
+    assert torch.equal(net.layer3[0].conv1.weight, reference.layer3[0].conv1.weight)
+    assert model.classifier.weight.shape == (5, 512)
+
+
+def test_weights_file_of_another_architecture_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "wrong.pth"
+    torch.save(torchvision.models.mobilenet_v2().state_dict(), path)
+    model = build_model("resnet18", 5, (64, 64), with_boxes=False)
+    with pytest.raises(ValueError, match="is it a resnet18 state_dict"):
+        load_backbone_weights(model, path)
+
+
+def test_pretrained_offline_without_cache_names_the_alternatives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A real failed download: an empty weight cache and a proxy nobody listens on.
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    with pytest.raises(PretrainedWeightsError) as info:
+        build_model("resnet18", 3, (64, 64), with_boxes=False, pretrained=True)
+    message = str(info.value)
+    assert "--weights-file" in message and "--no-pretrained" in message
+    assert os.fspath(tmp_path) in message

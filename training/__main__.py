@@ -1,0 +1,172 @@
+"""``python -m training``: a thin CLI over the training library.
+
+    python -m training demo-data [--root data/demo]
+    python -m training train [--config FILE.yaml] [--data ROOT] [--backbone NAME] ...
+    python -m training train --resume runs/NAME/last.pt
+    python -m training evaluate MODEL --data ROOT [--split val]
+
+Every TrainConfig field is a flag (``--input-size``, ``--augment-hflip`` for nested
+augmentation fields); flags override the YAML file, which overrides the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from training.config import TrainConfig
+from training.presets import AugmentConfig
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel], prefix: str) -> None:
+    for name, field in model.model_fields.items():
+        if name == "augment":
+            continue
+        dest = f"{prefix}{name}"
+        help_text = field.description or ""
+        default = field.default if field.default is not None else "none"
+        if field.annotation is bool:
+            parser.add_argument(
+                _flag(dest),
+                dest=dest,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=f"{help_text} (default: {default})",
+            )
+        else:
+            parser.add_argument(
+                _flag(dest),
+                dest=dest,
+                default=None,
+                metavar="VALUE",
+                help=f"{help_text} (default: {default})".strip(),
+            )
+
+
+def _collect(args: argparse.Namespace, model: type[BaseModel], prefix: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, field in model.model_fields.items():
+        value = getattr(args, f"{prefix}{name}", None)
+        if value is None:
+            continue
+        if isinstance(value, str) and "tuple" in str(field.annotation):
+            value = [v.strip() for v in value.split(",")]
+        if isinstance(value, str) and value.lower() == "none" and "None" in str(field.annotation):
+            value = None
+        out[name] = value
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m training",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo-data", help="build the offline demo dataset")
+    demo.add_argument("--root", type=Path, default=Path("data/demo"))
+    demo.add_argument("--force", action="store_true", help="rebuild even if present")
+
+    tr = sub.add_parser("train", help="train or fine-tune a model")
+    tr.add_argument("--config", type=Path, help="YAML file of TrainConfig fields")
+    tr.add_argument("--resume", type=Path, help="continue the run of this checkpoint (last.pt)")
+    _add_model_flags(tr, TrainConfig, "")
+    _add_model_flags(tr, AugmentConfig, "augment_")
+
+    ev = sub.add_parser("evaluate", help="metrics of a checkpoint or ONNX model as JSON")
+    ev.add_argument("model", type=Path, help="checkpoint (.pt) or exported model (.onnx)")
+    ev.add_argument("--data", type=Path, required=True, help="dataset root (ImageFolder)")
+    ev.add_argument("--split", default="val")
+    ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--output", type=Path, help="also write the JSON here")
+    ev.add_argument("--full", action="store_true", help="include confusion matrix and per-class")
+    return parser
+
+
+def _train(args: argparse.Namespace) -> int:
+    from training.train import train
+
+    if args.resume:
+        result = train(resume=args.resume, progress=not args.quiet)
+    else:
+        config = TrainConfig.from_sources(
+            args.config,
+            _collect(args, TrainConfig, ""),
+            augment=_collect(args, AugmentConfig, "augment_"),
+        )
+        result = train(config, progress=not args.quiet)
+    report = {
+        "run_dir": str(result.run_dir),
+        "best_checkpoint": str(result.best_checkpoint),
+        "best_epoch": result.best_epoch,
+        "val": {k: v for k, v in result.best_metrics.items()},
+        "wall_seconds": round(result.wall_seconds, 1),
+    }
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from training.evaluate import evaluate_checkpoint
+
+    metrics = evaluate_checkpoint(
+        args.model, args.data, split=args.split, batch_size=args.batch_size, progress=not args.quiet
+    )
+    if not args.full:
+        metrics = {k: v for k, v in metrics.items() if k not in ("confusion_matrix", "per_class")}
+    text = json.dumps(metrics, indent=2)
+    print(text)
+    if args.output:
+        args.output.write_text(text + "\n")
+    return 0
+
+
+def _demo_data(args: argparse.Namespace) -> int:
+    from training.demo_data import build_demo_dataset, is_built
+
+    if is_built(args.root) and not args.force:
+        print(f"demo dataset already built at {args.root}")
+        return 0
+    summary = build_demo_dataset(args.root)
+    print(json.dumps({"root": str(args.root), **summary["counts"]}))  # type: ignore[dict-item]
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    handlers = {"train": _train, "evaluate": _evaluate, "demo-data": _demo_data}
+    try:
+        return handlers[args.command](args)
+    except ValidationError as exc:
+        print(f"error: invalid configuration:\n{exc}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        from training.models import PretrainedWeightsError
+
+        if isinstance(exc, PretrainedWeightsError):
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

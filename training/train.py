@@ -1,0 +1,478 @@
+"""The training loop: two-stage fine-tuning, checkpoints, metrics, plots.
+
+Stage 1 trains only the new head(s) on a frozen pretrained trunk (BatchNorm statistics
+frozen too). Stage 2 unfreezes the top N trunk blocks, or all of it, at a lower learning
+rate than the heads (discriminative LR). Training from scratch skips stage 1, which would
+only fit heads to random features. Each stage has its own optimizer and a linear-warmup +
+cosine schedule stepped per batch.
+
+Every epoch writes ``last.pt`` (and ``best.pt`` when the val metric improves), rewrites
+``metrics.csv`` from the history kept in the checkpoint, and ``--resume`` continues at the
+next epoch with optimizer, scheduler, scaler, EMA and RNG state restored.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torchvision
+from torch.nn import functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data import DataLoader, WeightedRandomSampler
+from torchvision.ops import generalized_box_iou_loss
+from tqdm import tqdm
+
+from service.model_spec import Task
+from training.checkpoint import load_checkpoint, save_checkpoint
+from training.config import TrainConfig
+from training.data import DatasetIndex, ImageDataset, collate_skipping_failures, load_dataset
+from training.metrics import compute_metrics, summary
+from training.models import ImageModel, InputNormalize, build_model
+from training.plots import plot_confusion, plot_curves, write_per_class
+from training.presets import eval_transform, train_transform
+
+log = logging.getLogger(__name__)
+
+# DETR's weighting of the two box terms, on normalised coordinates.
+BOX_L1_WEIGHT = 5.0
+BOX_GIOU_WEIGHT = 2.0
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    best_checkpoint: Path
+    last_checkpoint: Path
+    best_epoch: int
+    best_metrics: dict[str, float]
+    history: list[dict[str, Any]]
+    wall_seconds: float
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def primary_metric(task: Task) -> str:
+    return "loc_acc" if task is Task.LOCALIZATION else "top1"
+
+
+def make_loaders(
+    cfg: TrainConfig, index: DatasetIndex, task: Task
+) -> tuple[DataLoader, DataLoader, torch.Generator]:
+    prep = cfg.preprocessing(task)
+    size = cfg.input_size
+    with_boxes = task is Task.LOCALIZATION
+    train_set = ImageDataset(
+        index.splits["train"].samples,
+        train_transform(prep, size, size, cfg.augment, with_boxes=with_boxes),
+        with_boxes,
+        cache="decoded" if cfg.cache_images else "none",
+    )
+    val_set = ImageDataset(
+        index.splits["val"].samples,
+        eval_transform(prep, size, size),
+        with_boxes,
+        cache="output" if cfg.cache_images else "none",
+    )
+    generator = torch.Generator()
+    sampler = None
+    if cfg.class_balance == "sampler":
+        counts = index.splits["train"].class_counts(len(index.classes))
+        weights = [1.0 / max(1, counts[s.label]) for s in train_set.samples]
+        sampler = WeightedRandomSampler(
+            weights, len(weights), replacement=True, generator=generator
+        )
+    common: dict[str, Any] = {
+        "batch_size": cfg.batch_size,
+        "num_workers": cfg.num_workers,
+        "collate_fn": collate_skipping_failures,
+        "persistent_workers": cfg.num_workers > 0,
+    }
+    train_loader = DataLoader(
+        train_set,
+        shuffle=sampler is None,
+        sampler=sampler,
+        drop_last=len(train_set) > cfg.batch_size,
+        generator=generator,
+        **common,
+    )
+    val_loader = DataLoader(val_set, shuffle=False, **common)
+    return train_loader, val_loader, generator
+
+
+def make_stage(
+    model: ImageModel, cfg: TrainConfig, stage: int, stage_epochs: int, steps_per_epoch: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    if stage == 1:
+        model.freeze_backbone(0)
+        backbone_lr = 0.0
+    else:
+        model.freeze_backbone(None if cfg.unfreeze == "all" else int(cfg.unfreeze))
+        # From scratch there is nothing to protect: the trunk learns at the full rate.
+        backbone_lr = cfg.lr * (1.0 if cfg.from_scratch else cfg.backbone_lr_mult)
+    groups = model.parameter_groups(cfg.lr, backbone_lr, cfg.weight_decay)
+    optimizer: torch.optim.Optimizer
+    # Fused kernels: one pass over all parameters per step (3x faster than foreach on CPU).
+    if cfg.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, fused=True)
+    else:
+        optimizer = torch.optim.SGD(
+            groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True, fused=True
+        )
+    total = max(1, stage_epochs * steps_per_epoch)
+    warmup = min(int(cfg.warmup_epochs * steps_per_epoch), total // 2)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def compute_loss(
+    logits: torch.Tensor,
+    pred_boxes: torch.Tensor | None,
+    labels: torch.Tensor,
+    true_boxes: torch.Tensor,
+    cfg: TrainConfig,
+    class_weights: torch.Tensor | None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    loss = F.cross_entropy(
+        logits.float(), labels, weight=class_weights, label_smoothing=cfg.label_smoothing
+    )
+    parts = {"cls": float(loss.detach())}
+    if pred_boxes is not None and cfg.box_loss_weight > 0:
+        valid = ~torch.isnan(true_boxes).any(dim=1)
+        if valid.any():
+            pred, true = pred_boxes[valid].float(), true_boxes[valid]
+            l1 = F.smooth_l1_loss(pred, true, beta=0.02)
+            giou = generalized_box_iou_loss(pred, true, reduction="mean")
+            loss = loss + cfg.box_loss_weight * (BOX_L1_WEIGHT * l1 + BOX_GIOU_WEIGHT * giou)
+            parts.update(l1=float(l1.detach()), giou=float(giou.detach()))
+    return loss, parts
+
+
+@torch.no_grad()
+def predict(
+    model: torch.nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    normalize: InputNormalize,
+    progress: bool = False,
+) -> dict[str, np.ndarray]:
+    """Run a model over a loader: probabilities, labels, predicted and true boxes."""
+    model.eval()
+    probs, labels, pred_boxes, true_boxes = [], [], [], []
+    for batch in tqdm(loader, desc="eval", leave=False, disable=not progress):
+        if batch is None:
+            continue
+        images, y, boxes = batch
+        logits, pb, _ = model(normalize(images.to(device, non_blocking=True)))
+        probs.append(torch.softmax(logits.float(), dim=1).cpu())
+        labels.append(y)
+        true_boxes.append(boxes)
+        if pb is not None:
+            pred_boxes.append(pb.float().cpu())
+    out = {
+        "probs": torch.cat(probs).numpy(),
+        "labels": torch.cat(labels).numpy(),
+        "true_boxes": torch.cat(true_boxes).numpy(),
+    }
+    if pred_boxes:
+        out["pred_boxes"] = torch.cat(pred_boxes).numpy()
+    return out
+
+
+def evaluate_predictions(pred: dict[str, np.ndarray], classes: list[str]) -> dict[str, Any]:
+    with_boxes = "pred_boxes" in pred and not np.isnan(pred["true_boxes"]).any()
+    return compute_metrics(
+        pred["probs"],
+        pred["labels"],
+        classes,
+        pred.get("pred_boxes") if with_boxes else None,
+        pred["true_boxes"] if with_boxes else None,
+    )
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def _write_history(history: list[dict[str, Any]], path: Path) -> None:
+    keys: list[str] = []
+    for row in history:
+        keys.extend(k for k in row if k not in keys)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(history)
+    os.replace(tmp, path)
+
+
+def train(
+    cfg: TrainConfig | None = None, *, resume: Path | None = None, progress: bool = True
+) -> RunResult:
+    """Train per ``cfg``, or continue the run of checkpoint ``resume`` with its own config."""
+    started = time.perf_counter()
+    state: dict[str, Any] | None = None
+    if resume is not None:
+        state = load_checkpoint(resume)
+        cfg = TrainConfig.model_validate(state["config"])
+        log.info("resuming %s at epoch %d", resume, state["epoch"] + 1)
+    if cfg is None:
+        raise ValueError("train() needs a config or a checkpoint to resume")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    _seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    use_amp = cfg.amp and device.type == "cuda"
+    run_dir = Path(cfg.output)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    index = load_dataset(cfg.data, manifest=cfg.manifest, verify=cfg.verify_images)
+    (run_dir / "data_report.json").write_text(json.dumps(index.report(), indent=2) + "\n")
+    task = Task.LOCALIZATION if index.with_boxes else Task.CLASSIFICATION
+    if state is not None and list(state["classes"]) != index.classes:
+        raise ValueError(f"dataset classes changed since the checkpoint: {index.classes}")
+    for split in ("train", "val"):
+        if not index.splits[split].samples:
+            raise ValueError(f"{cfg.data}: the {split} split has no usable images")
+    prep = cfg.preprocessing(task)
+    train_loader, val_loader, generator = make_loaders(cfg, index, task)
+    steps_per_epoch = len(train_loader)
+
+    model = build_model(
+        cfg.backbone,
+        len(index.classes),
+        (cfg.input_size, cfg.input_size),
+        with_boxes=task is Task.LOCALIZATION,
+        pretrained=cfg.pretrained and state is None,
+        weights_file=cfg.weights_file if state is None else None,
+        dropout=cfg.dropout,
+    ).to(device)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)  # type: ignore[call-overload]
+    normalize = InputNormalize(prep.mean, prep.std).to(device)
+    ema = (
+        AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+        if cfg.ema_decay
+        else None
+    )
+    class_weights = None
+    if cfg.class_balance == "loss":
+        counts = torch.tensor(
+            index.splits["train"].class_counts(len(index.classes)), dtype=torch.float
+        )
+        class_weights = (counts.sum() / (len(counts) * counts.clamp(min=1))).to(device)
+    freeze_epochs = 0 if cfg.from_scratch else cfg.freeze_epochs
+    if cfg.from_scratch and cfg.freeze_epochs:
+        log.info("training from scratch: stage 1 (frozen trunk) skipped")
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    history: list[dict[str, Any]] = []
+    start_epoch, best_value, best_epoch, bad_epochs = 0, -1.0, 0, 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        if ema is not None and state.get("ema"):
+            ema.load_state_dict(state["ema"])
+        scaler.load_state_dict(state["scaler"])
+        history = list(state["history"])
+        start_epoch = int(state["epoch"])
+        best_value, best_epoch = float(state["best_value"]), int(state["best_epoch"])
+        bad_epochs = int(state.get("bad_epochs", 0))
+
+    writer = None
+    if cfg.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    metric_name = primary_metric(task)
+    stage, optimizer, scheduler = 0, None, None
+    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
+    log.info(
+        "training %s on %s (%s, %d classes, %d train / %d val) on %s for %d epochs",
+        cfg.backbone,
+        cfg.data,
+        task.value,
+        len(index.classes),
+        len(index.splits["train"].samples),
+        len(index.splits["val"].samples),
+        device,
+        cfg.epochs,
+    )
+    for epoch in range(start_epoch, cfg.epochs):
+        epoch_stage = 1 if epoch < freeze_epochs else 2
+        if epoch_stage != stage:
+            stage = epoch_stage
+            stage_epochs = freeze_epochs if stage == 1 else cfg.epochs - freeze_epochs
+            optimizer, scheduler = make_stage(model, cfg, stage, stage_epochs, steps_per_epoch)
+            if state is not None and int(state["stage"]) == stage:
+                optimizer.load_state_dict(state["optimizer"])
+                scheduler.load_state_dict(state["scheduler"])
+        assert optimizer is not None and scheduler is not None
+        # Seeding per epoch makes a resumed run draw the same shuffles and augmentations
+        # as an uninterrupted one.
+        torch.manual_seed(cfg.seed * 100_003 + epoch)
+        generator.manual_seed(cfg.seed * 100_003 + epoch)
+
+        epoch_started = time.perf_counter()
+        model.train()
+        totals: dict[str, float] = {}
+        seen = 0
+        bar = tqdm(
+            train_loader,
+            desc=f"epoch {epoch + 1}/{cfg.epochs} (stage {stage})",
+            leave=False,
+            disable=not progress,
+        )
+        for batch in bar:
+            if batch is None:
+                continue
+            images, labels, boxes = (t.to(device, non_blocking=True) for t in batch)
+            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                inputs = normalize(images).contiguous(memory_format=memory_format)
+                logits, pred_boxes, _ = model(inputs)
+            loss, parts = compute_loss(logits, pred_boxes, labels, boxes, cfg, class_weights)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.grad_clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            if ema is not None:
+                ema.update_parameters(model)
+            n = len(labels)
+            seen += n
+            totals["loss"] = totals.get("loss", 0.0) + float(loss.detach()) * n
+            for k, v in parts.items():
+                totals[k] = totals.get(k, 0.0) + v * n
+            bar.set_postfix(
+                loss=f"{float(loss.detach()):.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}"
+            )
+        train_seconds = time.perf_counter() - epoch_started
+
+        eval_model = ema.module if ema is not None else model
+        pred = predict(eval_model, val_loader, device, normalize)
+        metrics = evaluate_predictions(pred, index.classes)
+        val_loss = float(
+            F.nll_loss(
+                torch.log(torch.from_numpy(pred["probs"]).clamp_min(1e-12)),
+                torch.from_numpy(pred["labels"]),
+            )
+        )
+        row: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "stage": stage,
+            "lr": scheduler.get_last_lr()[0],
+            "train_loss": totals.get("loss", 0.0) / max(1, seen),
+            **{f"train_{k}": v / max(1, seen) for k, v in totals.items() if k != "loss"},
+            "val_loss": val_loss,
+            **{k: v for k, v in summary(metrics).items() if k != "samples"},
+            "train_images_per_s": seen / train_seconds,
+            "epoch_seconds": time.perf_counter() - epoch_started,
+        }
+        history.append(row)
+        improved = row[metric_name] > best_value
+        if improved:
+            best_value, best_epoch, bad_epochs = row[metric_name], epoch + 1, 0
+        else:
+            bad_epochs += 1
+        log.info(
+            "epoch %d/%d stage %d: train_loss %.3f val_loss %.3f top1 %.4f%s (%.0f img/s, %.1f s)",
+            epoch + 1,
+            cfg.epochs,
+            stage,
+            row["train_loss"],
+            val_loss,
+            row["top1"],
+            f" loc_acc {row['loc_acc']:.4f} mIoU {row['mean_iou']:.3f}" if "loc_acc" in row else "",
+            row["train_images_per_s"],
+            row["epoch_seconds"],
+        )
+        if writer is not None:
+            for k, v in row.items():
+                if k != "epoch":
+                    writer.add_scalar(k, v, epoch + 1)
+
+        checkpoint = {
+            "model": model.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "epoch": epoch + 1,
+            "stage": stage,
+            "config": cfg.model_dump(mode="json"),
+            "classes": index.classes,
+            "task": task.value,
+            "input_size": [cfg.input_size, cfg.input_size],
+            "preprocessing": prep.model_dump(mode="json"),
+            "metrics": {
+                **summary(metrics),
+                "confusion_matrix": metrics["confusion_matrix"],
+                "per_class": metrics["per_class"],
+            },
+            "history": history,
+            "best_value": best_value,
+            "best_epoch": best_epoch,
+            "bad_epochs": bad_epochs,
+            "versions": {
+                "torch": str(torch.__version__),
+                "torchvision": str(torchvision.__version__),
+            },
+        }
+        save_checkpoint(checkpoint, last_path)
+        if improved:
+            save_checkpoint(checkpoint, best_path)
+        if cfg.keep_epoch_checkpoints:
+            save_checkpoint(checkpoint, run_dir / f"epoch_{epoch + 1:03d}.pt")
+        _write_history(history, run_dir / "metrics.csv")
+        state = None  # resume state is consumed after its first epoch
+        if cfg.early_stopping_patience and bad_epochs >= cfg.early_stopping_patience:
+            log.info("early stopping: no %s improvement for %d epochs", metric_name, bad_epochs)
+            break
+    if writer is not None:
+        writer.close()
+
+    best = load_checkpoint(best_path)
+    plot_curves(history, run_dir / "curves.png")
+    plot_confusion(
+        best["metrics"]["confusion_matrix"], index.classes, run_dir / "confusion_matrix.png"
+    )
+    table = write_per_class(best["metrics"]["per_class"], run_dir / "per_class.csv")
+    (run_dir / "per_class.md").write_text(table + "\n")
+    best_metrics = {
+        k: v for k, v in best["metrics"].items() if k not in ("confusion_matrix", "per_class")
+    }
+    return RunResult(
+        run_dir=run_dir,
+        best_checkpoint=best_path,
+        last_checkpoint=last_path,
+        best_epoch=int(best["epoch"]),
+        best_metrics=best_metrics,
+        history=history,
+        wall_seconds=time.perf_counter() - started,
+    )
