@@ -43,9 +43,11 @@ lint: setup  ## ruff (lint + format check), mypy, hadolint
 demo-data: setup  ## build the offline demo dataset (digits on photos) in data/demo
 	$(PY) -m training -q demo-data --root $(DEMO_DATA)
 
-demo-model: demo-data  ## train the demo model (about 5 minutes on 2 cores)
+demo-model: demo-data  ## train the demo model (about 5 minutes on 2 cores) and export it to models/demo/
 	@if [ -f $(DEMO_RUN)/best.pt ]; then echo "demo model already trained: $(DEMO_RUN)/best.pt"; \
 	else $(PY) -m training -q train --config training/configs/demo.yaml --data $(DEMO_DATA) --output $(DEMO_RUN); fi
+	@if ls $(MODELS)/demo/*/model.onnx >/dev/null 2>&1; then echo "demo model already exported: $$(ls $(MODELS)/demo/*/model.onnx | tail -1)"; \
+	else $(PY) -m training -q export $(DEMO_RUN)/best.pt --repository $(MODELS) --name demo --data $(DEMO_DATA); fi
 
 clean:  ## remove generated code, caches (keeps .venv, data, runs, models)
 	rm -rf service/proto_gen .pytest_cache .mypy_cache .ruff_cache

@@ -68,7 +68,9 @@ class Geometry:
     offset_x: float
     offset_y: float
 
-    def to_original(self, box: tuple[float, float, float, float]) -> tuple[float, ...]:
+    def to_original(
+        self, box: tuple[float, float, float, float]
+    ) -> tuple[float, float, float, float]:
         """Input-pixel xyxy → original-pixel xyxy, clipped to the original image."""
         x0, y0, x1, y1 = box
         ox = [(x - self.offset_x) / self.scale_x for x in (x0, x1)]

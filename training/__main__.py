@@ -3,7 +3,9 @@
     python -m training demo-data [--root data/demo]
     python -m training train [--config FILE.yaml] [--data ROOT] [--backbone NAME] ...
     python -m training train --resume runs/NAME/last.pt
-    python -m training evaluate MODEL --data ROOT [--split val]
+    python -m training evaluate MODEL --data ROOT [--split val]       (MODEL: .pt or .onnx)
+    python -m training export CHECKPOINT --repository models --name NAME [--version N]
+                              [--precision fp32|fp16|int8] [--accept-drop]
 
 Every TrainConfig field is a flag (``--input-size``, ``--augment-hflip`` for nested
 augmentation fields); flags override the YAML file, which overrides the defaults.
@@ -93,7 +95,72 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--output", type=Path, help="also write the JSON here")
     ev.add_argument("--full", action="store_true", help="include confusion matrix and per-class")
+    ex = sub.add_parser("export", help="export a checkpoint as a verified, versioned ONNX model")
+    ex.add_argument("checkpoint", type=Path)
+    ex.add_argument("--repository", type=Path, default=Path("models"))
+    ex.add_argument("--name", required=True, help="model name (folder in the repository)")
+    ex.add_argument("--version", type=int, help="default: the next free integer")
+    ex.add_argument(
+        "--data",
+        type=Path,
+        help="labelled data for the checks (default: the checkpoint's training data)",
+    )
+    ex.add_argument(
+        "--precision",
+        choices=["fp32", "fp16", "int8"],
+        default="fp32",
+        help="fp16: for GPUs; int8: static QDQ quantization for CPUs",
+    )
+    ex.add_argument("--quantize", choices=["int8"], help="same as --precision int8")
+    ex.add_argument(
+        "--per-channel",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="INT8 weight granularity; auto keeps whichever loses less top-1",
+    )
+    ex.add_argument(
+        "--accept-drop",
+        action="store_true",
+        help="publish an INT8 model even if top-1 drops more than 1 point",
+    )
+    ex.add_argument("--cam-top-k", type=int, default=5, help="class activation maps exported")
+    ex.add_argument("--cam-threshold", type=float, default=0.2)
+    ex.add_argument("--parity-images", type=int, default=32)
+    ex.add_argument("--calibration-images", type=int, default=128)
     return parser
+
+
+def _export(args: argparse.Namespace) -> int:
+    from service.model_spec import Precision
+    from training.export import ExportOptions, export_checkpoint
+
+    options = ExportOptions(
+        repository=args.repository,
+        name=args.name,
+        version=args.version,
+        data=args.data,
+        cam_top_k=args.cam_top_k,
+        cam_threshold=args.cam_threshold,
+        precision=Precision(args.quantize or args.precision),
+        parity_images=args.parity_images,
+        calibration_images=args.calibration_images,
+        per_channel=args.per_channel,
+        accept_drop=args.accept_drop,
+    )
+    result = export_checkpoint(args.checkpoint, options)
+    print(
+        json.dumps(
+            {
+                "model": str(result.path),
+                "version": result.version,
+                "precision": result.spec.precision.value,
+                "parity": result.parity,
+                "metrics": result.spec.metrics,
+            },
+            indent=2,
+        )
+    )
+    return 0
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -120,9 +187,9 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from training.evaluate import evaluate_checkpoint
+    from training.evaluate import evaluate
 
-    metrics = evaluate_checkpoint(
+    metrics = evaluate(
         args.model, args.data, split=args.split, batch_size=args.batch_size, progress=not args.quiet
     )
     if not args.full:
@@ -150,7 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    handlers = {"train": _train, "evaluate": _evaluate, "demo-data": _demo_data}
+    # The ONNX exporter's optimizer passes log every step at INFO.
+    for noisy in ("onnxscript", "onnx_ir", "torch.onnx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    handlers = {"train": _train, "evaluate": _evaluate, "export": _export, "demo-data": _demo_data}
     try:
         return handlers[args.command](args)
     except ValidationError as exc:
@@ -160,9 +230,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
+        from training.export import ExportError
         from training.models import PretrainedWeightsError
 
-        if isinstance(exc, PretrainedWeightsError):
+        if isinstance(exc, PretrainedWeightsError | ExportError):
             print(f"error: {exc}", file=sys.stderr)
             return 2
         raise

@@ -1,0 +1,109 @@
+"""The in-process inference pipeline: decode in a thread pool, batch, run, in order.
+
+The same preprocess and runner code the server uses, without gRPC or the dynamic batcher:
+used to evaluate exported models, by the local batch-scoring engine and by the benchmark's
+in-process limit. Decoding of the next batches runs in worker threads while the current
+batch is in ONNX Runtime (both release the GIL), and results come back in input order.
+A bad image yields an outcome with an error; it never stops the stream.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from service.errors import ServiceError
+from service.model_spec import ModelSpec
+from service.preprocess import Geometry, ImageLimits, preprocess_encoded
+from service.runner import Runner
+
+Source = bytes | str | Path
+
+
+@dataclass
+class Outcome:
+    """One input's result: model outputs (one row each) and the geometry, or an error."""
+
+    index: int
+    geometry: Geometry | None = None
+    outputs: dict[str, np.ndarray] | None = None
+    error: str | None = None
+
+
+def _read(source: Source) -> bytes:
+    if isinstance(source, bytes):
+        return source
+    with open(source, "rb") as handle:
+        return handle.read()
+
+
+def _prepare(
+    source: Source, spec: ModelSpec, limits: ImageLimits
+) -> tuple[np.ndarray, Geometry] | str:
+    try:
+        return preprocess_encoded(_read(source), spec, limits)
+    except ServiceError as exc:
+        return exc.message
+    except OSError as exc:
+        return f"cannot read {source!s}: {exc.strerror or exc}"
+
+
+def run_pipeline(
+    runner: Runner,
+    sources: Iterable[Source],
+    *,
+    batch_size: int = 32,
+    limits: ImageLimits | None = None,
+    decode_threads: int | None = None,
+    prefetch_batches: int = 2,
+    on_batch: Callable[[int], None] | None = None,
+) -> Iterator[Outcome]:
+    """Yield one ``Outcome`` per source, in order."""
+    limits = limits or ImageLimits()
+    threads = decode_threads or max(1, os.cpu_count() or 1)
+    window = batch_size * (prefetch_batches + 1)
+    pending: deque[tuple[int, Future[tuple[np.ndarray, Geometry] | str]]] = deque()
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode") as pool:
+        iterator = enumerate(sources)
+        exhausted = False
+        while True:
+            while not exhausted and len(pending) < window:
+                try:
+                    index, source = next(iterator)
+                except StopIteration:
+                    exhausted = True
+                    break
+                pending.append((index, pool.submit(_prepare, source, runner.spec, limits)))
+            if not pending:
+                return
+            take = [pending.popleft() for _ in range(min(batch_size, len(pending)))]
+            yield from _infer(runner, [(i, f.result()) for i, f in take])
+            if on_batch is not None:
+                on_batch(len(take))
+
+
+def _infer(
+    runner: Runner, items: list[tuple[int, tuple[np.ndarray, Geometry] | str]]
+) -> Iterator[Outcome]:
+    good = [(i, r) for i, r in items if not isinstance(r, str)]
+    results: dict[int, Outcome] = {i: Outcome(i, error=r) for i, r in items if isinstance(r, str)}
+    if good:
+        batch = np.stack([r[0] for _, r in good])
+        try:
+            outputs = runner.run(batch)
+        except ServiceError as exc:
+            for i, _ in good:
+                results[i] = Outcome(i, error=exc.message)
+        else:
+            for row, (i, (_, geometry)) in enumerate(good):
+                results[i] = Outcome(
+                    i, geometry=geometry, outputs={k: v[row] for k, v in outputs.items()}
+                )
+    for i, _ in items:
+        yield results[i]

@@ -1,0 +1,119 @@
+"""Model outputs → answers: top-k labels, boxes in original pixels, CAM boxes and heatmaps.
+
+Boxes come out of the model normalised to the input tensor; ``Geometry`` (from
+``service.preprocess``) maps them back through the crop, letterbox or stretch onto the
+original image. Models without a box head still localize: the top-1 class activation map
+is upsampled to the input, thresholded at ``cam_threshold`` of its range, and the largest
+connected component's bounding box is the answer (Zhou et al., 2016).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from service.preprocess import Geometry
+
+BOX_SOURCE_REGRESSION = "regression"
+BOX_SOURCE_CAM = "cam"
+
+
+@dataclass(frozen=True)
+class Prediction:
+    index: int
+    label: str
+    score: float
+
+
+@dataclass(frozen=True)
+class Box:
+    x_min: float
+    y_min: float
+    x_max: float
+    y_max: float
+    score: float
+
+    def as_tuple(self) -> tuple[float, float, float, float]:
+        return (self.x_min, self.y_min, self.x_max, self.y_max)
+
+
+@dataclass(frozen=True)
+class Heatmap:
+    height: int
+    width: int
+    values: np.ndarray  # float32 [height, width] in [0, 1]
+
+
+def top_k(probabilities: np.ndarray, k: int, labels: list[str]) -> list[Prediction]:
+    """The k most probable classes of one image, best first."""
+    k = max(1, min(k, len(probabilities)))
+    if k == len(probabilities):
+        order = np.argsort(-probabilities, kind="stable")
+    else:
+        part = np.argpartition(-probabilities, k - 1)[:k]
+        order = part[np.argsort(-probabilities[part], kind="stable")]
+    return [Prediction(int(i), labels[int(i)], float(probabilities[i])) for i in order]
+
+
+def regression_box(box: np.ndarray, geometry: Geometry, in_h: int, in_w: int, score: float) -> Box:
+    """A normalised xyxy box in input-tensor coordinates → original-image pixels."""
+    scaled = (
+        float(box[0]) * in_w,
+        float(box[1]) * in_h,
+        float(box[2]) * in_w,
+        float(box[3]) * in_h,
+    )
+    return Box(*geometry.to_original(scaled), score=score)
+
+
+def _normalise(cam: np.ndarray) -> np.ndarray:
+    cam = cam.astype(np.float32, copy=False)
+    low, high = float(cam.min()), float(cam.max())
+    if high - low <= 1e-12:
+        return np.zeros_like(cam)
+    return (cam - low) / (high - low)
+
+
+def cam_box(
+    cam: np.ndarray, geometry: Geometry, in_h: int, in_w: int, threshold: float, score: float
+) -> Box:
+    """One class activation map [h, w] → the box around its largest hot region."""
+    h, w = cam.shape
+    up = ndimage.zoom(
+        _normalise(cam), (in_h / h, in_w / w), order=1, mode="nearest", grid_mode=True
+    )
+    mask = up >= threshold
+    labelled, count = ndimage.label(mask)
+    if count == 0:
+        return Box(*geometry.to_original((0.0, 0.0, float(in_w), float(in_h))), score=score)
+    sizes = ndimage.sum_labels(mask, labelled, index=np.arange(1, count + 1))
+    largest = int(np.argmax(sizes)) + 1
+    rows, cols = ndimage.find_objects((labelled == largest).astype(np.int32))[0]
+    box = (float(cols.start), float(rows.start), float(cols.stop), float(rows.stop))
+    return Box(*geometry.to_original(box), score=score)
+
+
+def heatmap(
+    cam: np.ndarray, geometry: Geometry, in_h: int, in_w: int, max_side: int = 224
+) -> Heatmap:
+    """The CAM over the whole original image, at most ``max_side`` on its longer side.
+
+    Each heatmap cell samples the CAM at the point the model saw for that part of the
+    original; parts the model never saw (cropped away by center_crop) are 0.
+    """
+    ow, oh = geometry.original_width, geometry.original_height
+    scale = min(1.0, max_side / max(ow, oh))
+    hw, hh = max(1, round(ow * scale)), max(1, round(oh * scale))
+    # Centres of heatmap cells in original pixels → input pixels → CAM cell coordinates.
+    xs = (np.arange(hw) + 0.5) * (ow / hw) * geometry.scale_x + geometry.offset_x
+    ys = (np.arange(hh) + 0.5) * (oh / hh) * geometry.scale_y + geometry.offset_y
+    ch, cw = cam.shape
+    cx = xs * (cw / in_w) - 0.5
+    cy = ys * (ch / in_h) - 0.5
+    grid_y, grid_x = np.meshgrid(cy, cx, indexing="ij")
+    values = ndimage.map_coordinates(_normalise(cam), [grid_y, grid_x], order=1, mode="nearest")
+    seen = ((ys >= 0) & (ys <= in_h))[:, None] & ((xs >= 0) & (xs <= in_w))[None, :]
+    values = np.where(seen, np.clip(values, 0.0, 1.0), 0.0).astype(np.float32)
+    return Heatmap(height=hh, width=hw, values=values)

@@ -1,0 +1,276 @@
+"""ONNX Runtime, and nothing else of it anywhere in service/: sessions, providers, IO binding.
+
+A ``Runner`` holds one model version: its ModelSpec (read from the file's metadata) and
+``instances`` ONNX Runtime sessions. Each ``run`` borrows one session, so ``instances``
+batches can execute at once (Triton's instance_group); on a CPU the intra-op threads are
+split between them.
+
+Providers come from configuration. The default preference is TensorRT (FP16, with an
+engine cache), then CUDA, then CPU, filtered to what this onnxruntime build offers; what
+was chosen is logged. On CUDA/TensorRT, IO binding moves the input to the device once and
+fetches outputs without intermediate copies.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from service.errors import InferenceError
+from service.model_spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+TENSORRT = "TensorrtExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+DEFAULT_PROVIDERS = (TENSORRT, CUDA, CPU)
+
+_OPT_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+@dataclass(frozen=True)
+class RunnerOptions:
+    providers: Sequence[str] = DEFAULT_PROVIDERS
+    instances: int = 1
+    intra_op_threads: int = 0  # 0: ONNX Runtime's default (one per physical core)
+    inter_op_threads: int = 1
+    graph_optimization: str = "all"
+    optimized_model_dir: Path | None = None  # cache of the optimized graph (CPU only)
+    device_id: int = 0
+    trt_fp16: bool = True
+    trt_engine_cache_dir: Path | None = None
+    extra_session_config: dict[str, str] = field(default_factory=dict)
+
+
+def available_providers() -> list[str]:
+    return list(ort.get_available_providers())
+
+
+def select_providers(wanted: Sequence[str]) -> list[str]:
+    """The wanted providers this build offers, in order; CPU is always last resort."""
+    available = set(available_providers())
+    chosen = [p for p in wanted if p in available]
+    if CPU not in chosen:
+        chosen.append(CPU)
+    return chosen
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """The model's metadata_props without building a full session's optimized graph."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(path), options, providers=[CPU])
+    return dict(session.get_modelmeta().custom_metadata_map)
+
+
+def ort_version() -> str:
+    return str(ort.__version__)
+
+
+class Runner:
+    """One model version in ONNX Runtime. Thread-safe: ``run`` may be called concurrently."""
+
+    def __init__(self, path: Path, options: RunnerOptions | None = None):
+        self.path = Path(path)
+        self.options = options or RunnerOptions()
+        if not self.path.is_file():
+            raise FileNotFoundError(f"model file {self.path} does not exist")
+        self.providers = select_providers(self.options.providers)
+        self._sessions: queue.Queue[ort.InferenceSession] = queue.Queue()
+        first = self._new_session(0)
+        self.spec = ModelSpec.from_metadata(
+            dict(first.get_modelmeta().custom_metadata_map), source=str(self.path)
+        )
+        self._check_io(first)
+        self._sessions.put(first)
+        for i in range(1, max(1, self.options.instances)):
+            self._sessions.put(self._new_session(i))
+        self.active_providers = first.get_providers()
+        self._use_io_binding = self.active_providers[0] in (TENSORRT, CUDA)
+        self.output_names = [o.name for o in first.get_outputs()]
+        self.max_batch_size = self._declared_batch(first)
+        log.info(
+            "loaded %s: providers %s (wanted %s), %d instance(s), io_binding=%s",
+            self.path,
+            self.active_providers,
+            list(self.options.providers),
+            self.options.instances,
+            self._use_io_binding,
+        )
+
+    # --- construction ---------------------------------------------------------------
+
+    def _session_options(self, instance: int) -> ort.SessionOptions:
+        opts = self.options
+        so = ort.SessionOptions()
+        if opts.graph_optimization not in _OPT_LEVELS:
+            raise ValueError(
+                f"graph_optimization must be one of {', '.join(_OPT_LEVELS)}, "
+                f"not {opts.graph_optimization!r}"
+            )
+        so.graph_optimization_level = _OPT_LEVELS[opts.graph_optimization]
+        threads = opts.intra_op_threads
+        if threads == 0 and opts.instances > 1:
+            # Split the cores so concurrent instances do not oversubscribe them.
+            threads = max(1, (os.cpu_count() or 1) // opts.instances)
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = opts.inter_op_threads
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        for key, value in opts.extra_session_config.items():
+            so.add_session_config_entry(key, value)
+        only_cpu = self.providers == [CPU]
+        if opts.optimized_model_dir is not None and only_cpu and instance == 0:
+            # An optimized graph saved with GPU providers may hold device-specific nodes,
+            # so the cache is written for CPU-only sessions.
+            opts.optimized_model_dir.mkdir(parents=True, exist_ok=True)
+            so.optimized_model_filepath = str(
+                opts.optimized_model_dir / f"{self.path.parent.parent.name}-"
+                f"{self.path.parent.name}-{opts.graph_optimization}.onnx"
+            )
+        return so
+
+    def _provider_options(self) -> list[tuple[str, dict[str, str]]]:
+        opts = self.options
+        out: list[tuple[str, dict[str, str]]] = []
+        for provider in self.providers:
+            if provider == TENSORRT:
+                trt: dict[str, str] = {
+                    "device_id": str(opts.device_id),
+                    "trt_fp16_enable": str(opts.trt_fp16),
+                }
+                if opts.trt_engine_cache_dir is not None:
+                    opts.trt_engine_cache_dir.mkdir(parents=True, exist_ok=True)
+                    trt["trt_engine_cache_enable"] = "True"
+                    trt["trt_engine_cache_path"] = str(opts.trt_engine_cache_dir)
+                    trt["trt_timing_cache_enable"] = "True"
+                    trt["trt_timing_cache_path"] = str(opts.trt_engine_cache_dir)
+                out.append((provider, trt))
+            elif provider == CUDA:
+                out.append((provider, {"device_id": str(opts.device_id)}))
+            else:
+                out.append((provider, {}))
+        return out
+
+    def _new_session(self, instance: int) -> ort.InferenceSession:
+        try:
+            return ort.InferenceSession(
+                str(self.path),
+                self._session_options(instance),
+                providers=self._provider_options(),
+            )
+        except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
+            raise ValueError(f"cannot load {self.path} into ONNX Runtime: {exc}") from exc
+
+    def _check_io(self, session: ort.InferenceSession) -> None:
+        """The graph must match its ModelSpec; a mismatch means a broken export."""
+        spec = self.spec
+        inputs = session.get_inputs()
+        problems = []
+        if len(inputs) != 1 or inputs[0].name != spec.input.name:
+            problems.append(f"expected one input named {spec.input.name!r}")
+        else:
+            shape = inputs[0].shape
+            if inputs[0].type != "tensor(uint8)":
+                problems.append(f"input type {inputs[0].type}, expected tensor(uint8)")
+            if list(shape[1:]) != [spec.input.height, spec.input.width, 3]:
+                problems.append(
+                    f"input shape {shape}, expected [batch, "
+                    f"{spec.input.height}, {spec.input.width}, 3]"
+                )
+        names = {o.name for o in session.get_outputs()}
+        wanted = [
+            spec.outputs.probabilities,
+            spec.outputs.boxes,
+            spec.outputs.cam,
+            spec.outputs.cam_classes,
+        ]
+        missing = [n for n in wanted if n is not None and n not in names]
+        if missing:
+            problems.append(f"outputs {missing} named in the ModelSpec are not in the graph")
+        if problems:
+            raise ValueError(
+                f"{self.path}: graph does not match its ModelSpec: " + "; ".join(problems)
+            )
+
+    @staticmethod
+    def _declared_batch(session: ort.InferenceSession) -> int | None:
+        dim = session.get_inputs()[0].shape[0]
+        return dim if isinstance(dim, int) else None
+
+    # --- execution ------------------------------------------------------------------
+
+    @contextmanager
+    def _session(self) -> Iterator[ort.InferenceSession]:
+        session = self._sessions.get()
+        try:
+            yield session
+        finally:
+            self._sessions.put(session)
+
+    def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """uint8 [N, H, W, 3] → {output name: array with N rows}."""
+        spec = self.spec
+        expected = (spec.input.height, spec.input.width, 3)
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != expected:
+            raise InferenceError(
+                f"batch must be uint8 [N, {expected[0]}, {expected[1]}, 3], got "
+                f"{images.dtype} {list(images.shape)}"
+            )
+        try:
+            with self._session() as session:
+                if self._use_io_binding:
+                    outputs = self._run_bound(session, images)
+                else:
+                    values = session.run(None, {spec.input.name: images})
+                    outputs = dict(zip(self.output_names, values, strict=True))
+        except InferenceError:
+            raise
+        except Exception as exc:
+            raise InferenceError(f"ONNX Runtime failed on a batch of {len(images)}: {exc}") from exc
+        for name, value in outputs.items():
+            if len(value) != len(images):
+                raise InferenceError(
+                    f"output {name!r} has {len(value)} rows for {len(images)} images"
+                )
+        return outputs
+
+    def _run_bound(
+        self, session: ort.InferenceSession, images: np.ndarray
+    ) -> dict[str, np.ndarray]:
+        binding = session.io_binding()
+        binding.bind_cpu_input(self.spec.input.name, np.ascontiguousarray(images))
+        for name in self.output_names:
+            binding.bind_output(name, "cuda", self.options.device_id)
+        session.run_with_iobinding(binding)
+        return dict(zip(self.output_names, binding.copy_outputs_to_cpu(), strict=True))
+
+    def warmup(self, batch_sizes: Sequence[int]) -> None:
+        """Run every session once per batch size, so the first real request is not the
+        one that pays for memory arenas, kernel selection or TensorRT engine builds."""
+        spec = self.spec
+        sessions = [self._sessions.get() for _ in range(self._sessions.qsize())]
+        try:
+            for session in sessions:
+                for n in sorted(set(batch_sizes)):
+                    batch = np.zeros((n, spec.input.height, spec.input.width, 3), np.uint8)
+                    if self._use_io_binding:
+                        self._run_bound(session, batch)
+                    else:
+                        session.run(None, {spec.input.name: batch})
+        finally:
+            for session in sessions:
+                self._sessions.put(session)

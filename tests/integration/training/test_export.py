@@ -1,0 +1,189 @@
+"""Export: verified ONNX models for three backbone families, and every refusal path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from service.model_spec import METADATA_KEY, ModelSpec, ModelSpecError, Precision
+from service.runner import Runner
+from tests.conftest import tiny_train_config
+from training.config import TrainConfig
+from training.evaluate import evaluate_checkpoint, evaluate_onnx
+from training.export import (
+    ExportError,
+    ExportOptions,
+    ExportResult,
+    ParityTolerance,
+    export_checkpoint,
+    next_version,
+)
+from training.train import train
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tiny_demo: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One-epoch checkpoints (effectively random weights) for three backbone families."""
+    out = {}
+    for backbone in ("resnet18", "efficientnet_b0", "mobilenet_v3_small"):
+        run = tmp_path_factory.mktemp("runs") / backbone
+        cfg = TrainConfig.model_validate(tiny_train_config(tiny_demo, run, backbone=backbone))
+        out[backbone] = train(cfg, progress=False).best_checkpoint
+    return out
+
+
+@pytest.fixture(scope="module")
+def exported(
+    checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, ExportResult]:
+    """Each checkpoint exported once into one repository (exports take seconds each)."""
+    repository = tmp_path_factory.mktemp("models")
+    return {
+        backbone: export_checkpoint(ckpt, ExportOptions(repository=repository, name=backbone))
+        for backbone, ckpt in checkpoints.items()
+    }
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "efficientnet_b0", "mobilenet_v3_small"])
+def test_export_passes_parity_and_matches_its_spec(
+    backbone: str, exported: dict[str, ExportResult]
+) -> None:
+    result = exported[backbone]
+    assert result.path.parent.name == "1" and result.path.parent.parent.name == backbone
+    assert result.parity["max_abs_probability"] <= 1e-4
+    assert result.parity["top1_agreement"] == 1.0
+    assert result.parity["max_abs_box"] <= 1e-3
+    assert result.parity["max_rel_cam"] <= 1e-3
+
+    # The spec in the file is the one export returned (round trip through metadata).
+    model = onnx.load(str(result.path))
+    metadata = {p.key: p.value for p in model.metadata_props}
+    spec = ModelSpec.from_metadata(metadata)
+    assert spec == result.spec
+    assert spec.backbone == backbone and spec.labels == [str(d) for d in range(10)]
+
+    # Plain onnxruntime sees exactly the interface the spec promises.
+    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    (image,) = session.get_inputs()
+    assert image.name == spec.input.name == "image"
+    assert image.type == "tensor(uint8)"
+    assert image.shape[1:] == [spec.input.height, spec.input.width, 3]
+    assert not isinstance(image.shape[0], int)  # dynamic batch
+    names = [o.name for o in session.get_outputs()]
+    assert names == ["probabilities", "boxes", "cam", "cam_classes"]
+    batch = np.random.default_rng(0).integers(0, 256, (3, 48, 48, 3), dtype=np.uint8)
+    probs, boxes, cam, cam_classes = session.run(None, {"image": batch})
+    assert probs.shape == (3, 10) and np.allclose(probs.sum(axis=1), 1, atol=1e-5)
+    assert boxes.shape == (3, 4)
+    assert cam.shape[:2] == (3, spec.cam_top_k) and cam_classes.shape == (3, spec.cam_top_k)
+    assert (cam_classes[:, 0] == probs.argmax(axis=1)).all()
+
+
+def test_onnx_evaluation_agrees_with_the_checkpoint(
+    checkpoints: dict[str, Path], exported: dict[str, ExportResult], tiny_demo: Path
+) -> None:
+    ckpt = checkpoints["mobilenet_v3_small"]
+    result = exported["mobilenet_v3_small"]
+    torch_metrics = evaluate_checkpoint(ckpt, tiny_demo)
+    onnx_metrics = evaluate_onnx(result.path, tiny_demo)
+    assert onnx_metrics["samples"] == torch_metrics["samples"] == 40
+    assert onnx_metrics["top1"] == pytest.approx(torch_metrics["top1"], abs=0.005)
+    assert onnx_metrics["loc_acc"] == pytest.approx(torch_metrics["loc_acc"], abs=0.005)
+    assert "cam_loc_acc" in onnx_metrics
+    assert result.spec.metrics["onnx_top1"] == pytest.approx(onnx_metrics["top1"], abs=1e-4)
+
+
+def _repository_state(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def test_parity_failure_writes_nothing(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    impossible = ParityTolerance(probability=-1.0)
+    with pytest.raises(ExportError, match="parity failed: probabilities differ"):
+        export_checkpoint(
+            checkpoints["resnet18"],
+            ExportOptions(repository=tmp_path, name="r", tolerance=impossible),
+        )
+    assert _repository_state(tmp_path) == ["r"]  # no version, no leftover temp files
+
+
+def test_an_existing_version_is_never_overwritten(
+    checkpoints: dict[str, Path], exported: dict[str, ExportResult]
+) -> None:
+    first = exported["mobilenet_v3_small"]
+    repository = first.path.parents[2]
+    before = first.path.read_bytes()
+    with pytest.raises(ExportError, match="already exists"):
+        export_checkpoint(
+            checkpoints["mobilenet_v3_small"],
+            ExportOptions(repository=repository, name="mobilenet_v3_small", version=1),
+        )
+    assert first.path.read_bytes() == before
+    assert next_version(repository, "mobilenet_v3_small") == 2
+
+
+def test_int8_gate_refuses_then_accepts(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    ckpt = checkpoints["mobilenet_v3_small"]
+    strict = ExportOptions(
+        repository=tmp_path,
+        name="q",
+        precision=Precision.INT8,
+        calibration_images=32,
+        per_channel="on",
+        max_int8_drop=-1.0,
+    )
+    with pytest.raises(ExportError, match="--accept-drop"):
+        export_checkpoint(ckpt, strict)
+    assert _repository_state(tmp_path) == ["q"]
+    accepted = ExportOptions(
+        repository=tmp_path,
+        name="q",
+        precision=Precision.INT8,
+        calibration_images=32,
+        per_channel="on",
+        max_int8_drop=-1.0,
+        accept_drop=True,
+    )
+    result = export_checkpoint(ckpt, accepted)
+    assert result.spec.precision is Precision.INT8
+    for key in ("int8_top1", "int8_top1_drop", "int8_cpu_speedup_b8_t2"):
+        assert key in result.spec.metrics
+    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    ops = {node.op_type for node in onnx.load(str(result.path)).graph.node}
+    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+    assert session.get_inputs()[0].type == "tensor(uint8)"
+
+
+def test_fp16_export_keeps_uint8_in_and_float32_out(
+    checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    result = export_checkpoint(
+        checkpoints["mobilenet_v3_small"],
+        ExportOptions(repository=tmp_path, name="h", precision=Precision.FP16),
+    )
+    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].type == "tensor(uint8)"
+    assert session.get_outputs()[0].type == "tensor(float)"
+    assert result.spec.precision is Precision.FP16
+    assert "fp16_top1" in result.spec.metrics
+
+
+def test_model_without_metadata_is_rejected_on_load(
+    exported: dict[str, ExportResult], tmp_path: Path
+) -> None:
+    model = onnx.load(str(exported["resnet18"].path))
+    del model.metadata_props[:]
+    bare = tmp_path / "bare.onnx"
+    onnx.save(model, str(bare))
+    with pytest.raises(ModelSpecError, match="has no 'model_spec' metadata"):
+        Runner(bare)
+    model.metadata_props.add(key=METADATA_KEY, value='{"schema_version": 7}')
+    onnx.save(model, str(bare))
+    with pytest.raises(ModelSpecError, match="schema_version 7"):
+        Runner(bare)
