@@ -9,41 +9,14 @@ connected component's bounding box is the answer (Zhou et al., 2016).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 from scipy import ndimage
 
 from service.preprocess import Geometry
+from service.results import Box, Heatmap, Prediction
 
 BOX_SOURCE_REGRESSION = "regression"
 BOX_SOURCE_CAM = "cam"
-
-
-@dataclass(frozen=True)
-class Prediction:
-    index: int
-    label: str
-    score: float
-
-
-@dataclass(frozen=True)
-class Box:
-    x_min: float
-    y_min: float
-    x_max: float
-    y_max: float
-    score: float
-
-    def as_tuple(self) -> tuple[float, float, float, float]:
-        return (self.x_min, self.y_min, self.x_max, self.y_max)
-
-
-@dataclass(frozen=True)
-class Heatmap:
-    height: int
-    width: int
-    values: np.ndarray  # float32 [height, width] in [0, 1]
 
 
 def top_k(probabilities: np.ndarray, k: int, labels: list[str]) -> list[Prediction]:

@@ -1,0 +1,40 @@
+"""``python -m service``: run the gRPC server (see ``--help`` for every setting)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    from service.config import ConfigError, build_parser, load_settings, parse_flag_values
+
+    args = build_parser().parse_args(argv)
+    config = args.config or (
+        Path(os.environ["CLASSIFIER_CONFIG"]) if os.environ.get("CLASSIFIER_CONFIG") else None
+    )
+    try:
+        settings = load_settings(config, **parse_flag_values(args))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(settings.model_dump_json(indent=2))
+        return 0
+
+    from service import logs
+    from service.server import serve
+
+    logs.configure(settings.log_level, settings.log_format)
+    try:
+        asyncio.run(serve(settings))
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

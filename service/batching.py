@@ -1,0 +1,219 @@
+"""Dynamic batching per model version (asyncio; knows nothing of gRPC or ONNX Runtime).
+
+Each image is one item. Requests submit their images together (all or none: a full queue
+refuses the whole request at once) and await one future per image, so a request's answers
+come back in its own order whatever batches its images land in.
+
+The collector forms a batch when it reaches ``max_batch_size``, when it reaches one of the
+``preferred_batch_sizes`` and nothing else is waiting, or when the oldest item has waited
+``max_queue_delay_us``. Before compute it drops items whose caller has gone (cancelled) or
+whose deadline has passed. Up to ``concurrency`` batches run at once, in a thread pool
+(ONNX Runtime releases the GIL). A failing batch fails exactly its own items, and a batch
+whose outputs do not have one row per input fails as a whole rather than mis-assign rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.errors import (
+    DeadlineExceededError,
+    InferenceError,
+    QueueFullError,
+    ServiceError,
+    UnavailableError,
+)
+
+log = logging.getLogger(__name__)
+
+Outputs = dict[str, np.ndarray]
+RunBatch = Callable[[np.ndarray], Outputs]
+
+
+@dataclass(frozen=True)
+class BatcherConfig:
+    max_batch_size: int = 32
+    max_queue_delay_us: int = 2000
+    preferred_batch_sizes: tuple[int, ...] = ()
+    max_queue_size: int = 1024
+    concurrency: int = 1
+
+
+class BatcherHooks:
+    """Observation points (metrics); the default does nothing."""
+
+    def queued(self, pending: int) -> None: ...
+    def dropped(self, reason: str, count: int) -> None: ...
+    def batch_done(self, size: int, seconds: float, waits: Sequence[float]) -> None: ...
+
+
+@dataclass
+class Item:
+    image: np.ndarray
+    future: asyncio.Future[dict[str, np.ndarray]]
+    deadline: float | None  # time.monotonic() seconds; None: no deadline
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+class DynamicBatcher:
+    def __init__(
+        self,
+        name: str,
+        run_batch: RunBatch,
+        config: BatcherConfig,
+        executor: Executor | None = None,
+        hooks: BatcherHooks | None = None,
+    ):
+        self.name = name
+        self.config = config
+        self._run_batch = run_batch
+        self._executor = executor
+        self._hooks = hooks or BatcherHooks()
+        self._queue: deque[Item] = deque()
+        self._wakeup = asyncio.Event()
+        self._slots = asyncio.Semaphore(config.concurrency)
+        self._running: set[asyncio.Task[None]] = set()
+        self._collector: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @property
+    def pending(self) -> int:
+        return len(self._queue)
+
+    def start(self) -> None:
+        if self._collector is None:
+            self._collector = asyncio.get_running_loop().create_task(
+                self._collect(), name=f"batcher-{self.name}"
+            )
+
+    def submit(
+        self, images: Sequence[np.ndarray], deadline: float | None = None
+    ) -> list[asyncio.Future[dict[str, np.ndarray]]]:
+        """Queue a request's images; their futures resolve to one output row each."""
+        if self._closed:
+            raise UnavailableError(f"model {self.name} is shutting down")
+        limit = self.config.max_queue_size
+        if len(self._queue) + len(images) > limit:
+            raise QueueFullError(
+                f"the queue of model {self.name} is full: {len(self._queue)} images pending, "
+                f"this request adds {len(images)}, the limit is {limit}; retry later"
+            )
+        loop = asyncio.get_running_loop()
+        futures = []
+        for image in images:
+            item = Item(image, loop.create_future(), deadline)
+            self._queue.append(item)
+            futures.append(item.future)
+        self._hooks.queued(len(self._queue))
+        self._wakeup.set()
+        return futures
+
+    async def close(self) -> None:
+        """Finish what is queued and running, then stop."""
+        self._closed = True
+        self._wakeup.set()
+        if self._collector is not None:
+            await self._collector
+        if self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
+
+    # --- collector ----------------------------------------------------------------------
+
+    async def _collect(self) -> None:
+        delay = self.config.max_queue_delay_us / 1e6
+        while True:
+            if not self._queue:
+                if self._closed:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            # Wait until the batch is full, preferred and idle, or the oldest is due.
+            due = self._queue[0].enqueued + delay
+            while not self._ready_to_dispatch(due):
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), max(0.0, due - time.monotonic()))
+                except TimeoutError:
+                    break
+            await self._slots.acquire()  # at most `concurrency` batches in flight
+            batch = self._take(self.config.max_batch_size)
+            if not batch:
+                self._slots.release()
+                continue
+            task = asyncio.get_running_loop().create_task(self._execute(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    def _ready_to_dispatch(self, due: float) -> bool:
+        n = len(self._queue)
+        if n >= self.config.max_batch_size or self._closed or time.monotonic() >= due:
+            return True
+        return n in self.config.preferred_batch_sizes
+
+    def _take(self, limit: int) -> list[Item]:
+        """Pop up to ``limit`` live items, dropping cancelled and expired ones."""
+        batch: list[Item] = []
+        now = time.monotonic()
+        cancelled = expired = 0
+        while self._queue and len(batch) < limit:
+            item = self._queue.popleft()
+            if item.future.done():  # the caller gave up (cancelled RPC)
+                cancelled += 1
+            elif item.deadline is not None and item.deadline <= now:
+                expired += 1
+                item.future.set_exception(
+                    DeadlineExceededError(
+                        "the deadline passed while the image waited in the "
+                        f"queue of model {self.name}"
+                    )
+                )
+            else:
+                batch.append(item)
+        if cancelled:
+            self._hooks.dropped("cancelled", cancelled)
+        if expired:
+            self._hooks.dropped("deadline", expired)
+        self._hooks.queued(len(self._queue))
+        return batch
+
+    async def _execute(self, batch: list[Item]) -> None:
+        started = time.monotonic()
+        try:
+            images = np.stack([item.image for item in batch])
+            outputs = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._run_batch, images
+            )
+            rows = {len(v) for v in outputs.values()}
+            if rows != {len(batch)}:
+                raise InferenceError(
+                    f"model {self.name} returned {sorted(rows)} rows for a batch of {len(batch)}"
+                )
+        except Exception as exc:
+            error = (
+                exc
+                if isinstance(exc, ServiceError)
+                else InferenceError(f"inference failed for model {self.name}: {exc}")
+            )
+            if not isinstance(exc, ServiceError):
+                log.exception("batch of %d failed on %s", len(batch), self.name)
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(error)
+        else:
+            for row, item in enumerate(batch):
+                if not item.future.done():
+                    item.future.set_result({k: v[row] for k, v in outputs.items()})
+            self._hooks.batch_done(
+                len(batch), time.monotonic() - started, [started - item.enqueued for item in batch]
+            )
+        finally:
+            self._slots.release()

@@ -1,0 +1,543 @@
+"""Python SDK and CLI for the ImageClassifier gRPC API.
+
+    from service.client import ClassifierClient
+    with ClassifierClient("localhost:50051") as client:
+        result = client.classify(["cat.jpg"], model="demo")[0]
+        print(result.top.label, result.top.score)
+
+``AsyncClassifierClient`` is the same API for asyncio. Images may be file paths, encoded
+bytes, PIL images or HxWx3 uint8 arrays (the last two travel as raw RGB, no re-encoding).
+UNAVAILABLE (server starting, draining, or a model loading) is retried with exponential
+backoff by gRPC's own retry policy; every call has a deadline.
+
+    python -m service.client classify IMG... [--model demo] [--top-k 5]
+    python -m service.client localize IMG --draw out.png [--heatmap]
+    python -m service.client models
+    python -m service.client health            # exit 0 only when SERVING
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
+
+from service.proto_gen.classifier.v1 import classifier_pb2 as pb
+from service.proto_gen.classifier.v1 import classifier_pb2_grpc as pb_grpc
+from service.results import Box, Classification, Heatmap, Localization, Prediction
+
+ImageInput = str | Path | bytes | bytearray | memoryview | Image.Image | np.ndarray
+
+DEFAULT_TARGET = os.environ.get("CLASSIFIER_TARGET", "localhost:50051")
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+_RETRY_POLICY = {
+    "methodConfig": [
+        {
+            "name": [
+                {"service": "classifier.v1.ImageClassifier"},
+                {"service": "grpc.health.v1.Health"},
+            ],
+            "retryPolicy": {
+                "maxAttempts": 5,
+                "initialBackoff": "0.1s",
+                "maxBackoff": "2s",
+                "backoffMultiplier": 2.0,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }
+    ]
+}
+
+
+def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.enable_retries", 1),
+        ("grpc.service_config", json.dumps(_RETRY_POLICY)),
+        # Requests are retried only while they fit this buffer (default 256 KiB).
+        ("grpc.per_rpc_retry_buffer_size", max_message_bytes),
+    ]
+
+
+def to_proto_image(image: ImageInput) -> pb.Image:
+    if isinstance(image, str | Path):
+        return pb.Image(encoded=Path(image).read_bytes())
+    if isinstance(image, bytes | bytearray | memoryview):
+        return pb.Image(encoded=bytes(image))
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    if isinstance(image, np.ndarray):
+        array = image
+        if array.ndim == 2:
+            array = np.repeat(array[:, :, None], 3, axis=2)
+        if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
+            raise ValueError(f"arrays must be HxWx3 uint8, got {array.dtype} {array.shape}")
+        h, w = array.shape[:2]
+        return pb.Image(
+            raw=pb.RawImage(height=h, width=w, rgb=np.ascontiguousarray(array).tobytes())
+        )
+    raise TypeError(f"unsupported image type {type(image).__name__}")
+
+
+def _predictions(items: Sequence[pb.Prediction]) -> list[Prediction]:
+    return [Prediction(p.index, p.label, p.score) for p in items]
+
+
+def _classifications(response: pb.ClassifyResponse) -> list[Classification]:
+    return [Classification(_predictions(r.predictions)) for r in response.results]
+
+
+def _localizations(response: pb.LocalizeResponse) -> list[Localization]:
+    out = []
+    for r in response.results:
+        heatmap = None
+        if r.HasField("heatmap") and r.heatmap.height:
+            values = np.asarray(r.heatmap.values, dtype=np.float32)
+            heatmap = Heatmap(
+                r.heatmap.height, r.heatmap.width, values.reshape(r.heatmap.height, r.heatmap.width)
+            )
+        b = r.box
+        out.append(
+            Localization(
+                _predictions(r.predictions),
+                Box(b.x_min, b.y_min, b.x_max, b.y_max, b.score),
+                r.box_source,
+                heatmap,
+            )
+        )
+    return out
+
+
+def _credentials(tls: bool, root_certificates: Path | None) -> grpc.ChannelCredentials | None:
+    if not tls and root_certificates is None:
+        return None
+    roots = root_certificates.read_bytes() if root_certificates else None
+    return grpc.ssl_channel_credentials(root_certificates=roots)
+
+
+class _Base:
+    def __init__(self, target: str, timeout: float, token: str | None):
+        self.target = target
+        self.timeout = timeout
+        self.metadata: list[tuple[str, str]] = []
+        if token:
+            self.metadata.append(("authorization", f"Bearer {token}"))
+
+    def _classify_request(
+        self, images: Sequence[ImageInput], model: str, version: str, top_k: int
+    ) -> pb.ClassifyRequest:
+        return pb.ClassifyRequest(
+            model=model, version=version, top_k=top_k, images=[to_proto_image(i) for i in images]
+        )
+
+    def _localize_request(
+        self,
+        images: Sequence[ImageInput],
+        model: str,
+        version: str,
+        top_k: int,
+        include_heatmap: bool,
+    ) -> pb.LocalizeRequest:
+        return pb.LocalizeRequest(
+            model=model,
+            version=version,
+            top_k=top_k,
+            include_heatmap=include_heatmap,
+            images=[to_proto_image(i) for i in images],
+        )
+
+
+class ClassifierClient(_Base):
+    """Blocking client. Use as a context manager, or call ``close()``."""
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float = 30.0,
+        token: str | None = None,
+        tls: bool = False,
+        root_certificates: Path | None = None,
+    ):
+        super().__init__(target, timeout, token)
+        credentials = _credentials(tls, root_certificates)
+        options = channel_options()
+        self.channel = (
+            grpc.secure_channel(target, credentials, options)
+            if credentials
+            else grpc.insecure_channel(target, options)
+        )
+        self.stub = pb_grpc.ImageClassifierStub(self.channel)
+        self.health_stub = health_pb2_grpc.HealthStub(self.channel)
+
+    def classify(
+        self,
+        images: Sequence[ImageInput],
+        *,
+        model: str = "",
+        version: str = "",
+        top_k: int = 0,
+        timeout: float | None = None,
+    ) -> list[Classification]:
+        request = self._classify_request(images, model, version, top_k)
+        response = self.stub.Classify(
+            request, timeout=timeout or self.timeout, metadata=self.metadata
+        )
+        return _classifications(response)
+
+    def localize(
+        self,
+        images: Sequence[ImageInput],
+        *,
+        model: str = "",
+        version: str = "",
+        top_k: int = 0,
+        include_heatmap: bool = False,
+        timeout: float | None = None,
+    ) -> list[Localization]:
+        request = self._localize_request(images, model, version, top_k, include_heatmap)
+        response = self.stub.Localize(
+            request, timeout=timeout or self.timeout, metadata=self.metadata
+        )
+        return _localizations(response)
+
+    def list_models(self, timeout: float | None = None) -> list[pb.ModelInfo]:
+        response = self.stub.ListModels(
+            pb.ListModelsRequest(), timeout=timeout or self.timeout, metadata=self.metadata
+        )
+        return list(response.models)
+
+    def get_model(
+        self, model: str = "", version: str = "", timeout: float | None = None
+    ) -> pb.ModelInfo:
+        return self.stub.GetModel(
+            pb.GetModelRequest(model=model, version=version),
+            timeout=timeout or self.timeout,
+            metadata=self.metadata,
+        )
+
+    def health(self, service: str = "", timeout: float | None = None) -> str:
+        """'SERVING', 'NOT_SERVING', ... for the server ("") or one service name."""
+        response = self.health_stub.Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=timeout or self.timeout
+        )
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> ClassifierClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncClassifierClient(_Base):
+    """asyncio client. Use as an async context manager, or ``await close()``."""
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float = 30.0,
+        token: str | None = None,
+        tls: bool = False,
+        root_certificates: Path | None = None,
+    ):
+        super().__init__(target, timeout, token)
+        credentials = _credentials(tls, root_certificates)
+        options = channel_options()
+        self.channel = (
+            grpc.aio.secure_channel(target, credentials, options)
+            if credentials
+            else grpc.aio.insecure_channel(target, options)
+        )
+        self.stub = pb_grpc.ImageClassifierStub(self.channel)
+        self.health_stub = health_pb2_grpc.HealthStub(self.channel)
+
+    async def classify(
+        self,
+        images: Sequence[ImageInput],
+        *,
+        model: str = "",
+        version: str = "",
+        top_k: int = 0,
+        timeout: float | None = None,
+    ) -> list[Classification]:
+        request = self._classify_request(images, model, version, top_k)
+        response = await self.stub.Classify(
+            request, timeout=timeout or self.timeout, metadata=self.metadata
+        )
+        return _classifications(response)
+
+    async def localize(
+        self,
+        images: Sequence[ImageInput],
+        *,
+        model: str = "",
+        version: str = "",
+        top_k: int = 0,
+        include_heatmap: bool = False,
+        timeout: float | None = None,
+    ) -> list[Localization]:
+        request = self._localize_request(images, model, version, top_k, include_heatmap)
+        response = await self.stub.Localize(
+            request, timeout=timeout or self.timeout, metadata=self.metadata
+        )
+        return _localizations(response)
+
+    async def list_models(self, timeout: float | None = None) -> list[pb.ModelInfo]:
+        response = await self.stub.ListModels(
+            pb.ListModelsRequest(), timeout=timeout or self.timeout, metadata=self.metadata
+        )
+        return list(response.models)
+
+    async def get_model(
+        self, model: str = "", version: str = "", timeout: float | None = None
+    ) -> pb.ModelInfo:
+        return await self.stub.GetModel(
+            pb.GetModelRequest(model=model, version=version),
+            timeout=timeout or self.timeout,
+            metadata=self.metadata,
+        )
+
+    async def health(self, service: str = "", timeout: float | None = None) -> str:
+        response = await self.health_stub.Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=timeout or self.timeout
+        )
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> AsyncClassifierClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+# --- CLI ------------------------------------------------------------------------------
+
+
+def draw(image_path: Path, result: Localization, out: Path, with_heatmap: bool) -> None:
+    """The image with its box and label (and the heatmap blended in) as a PNG/JPEG."""
+    from PIL import ImageDraw, ImageOps
+
+    with Image.open(image_path) as opened:
+        image = ImageOps.exif_transpose(opened).convert("RGB")
+    if with_heatmap and result.heatmap is not None:
+        heat = Image.fromarray((result.heatmap.values * 255).astype(np.uint8)).resize(
+            image.size, Image.Resampling.BILINEAR
+        )
+        v = np.asarray(heat, dtype=np.float32) / 255.0
+        colour = np.stack(
+            [np.clip(2 * v, 0, 1), np.clip(2 * v - 1, 0, 1), np.zeros_like(v)], axis=2
+        )  # black → red → yellow
+        blended = 0.55 * np.asarray(image, np.float32) / 255 + 0.45 * colour
+        image = Image.fromarray((np.clip(blended, 0, 1) * 255).astype(np.uint8))
+    canvas = ImageDraw.Draw(image)
+    b = result.box
+    width = max(2, round(max(image.size) / 200))
+    canvas.rectangle([b.x_min, b.y_min, b.x_max, b.y_max], outline=(0, 255, 0), width=width)
+    text = f"{result.top.label} {result.top.score:.2f} ({result.box_source})"
+    left, top, right, bottom = canvas.textbbox((b.x_min, b.y_min), text)
+    y = max(0.0, b.y_min - (bottom - top) - 4)
+    canvas.rectangle(
+        [b.x_min, y, b.x_min + (right - left) + 4, y + (bottom - top) + 4], fill=(0, 255, 0)
+    )
+    canvas.text((b.x_min + 2, y + 2), text, fill=(0, 0, 0))
+    image.save(out)
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
+    line = "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))
+    body = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join([line, "  ".join("-" * w for w in widths), *body])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m service.client",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--target", default=DEFAULT_TARGET, help="host:port (env CLASSIFIER_TARGET)"
+    )
+    parser.add_argument("--timeout", type=float, default=30.0, help="deadline per call, s")
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("CLASSIFIER_TOKEN"),
+        help="bearer token (env CLASSIFIER_TOKEN)",
+    )
+    parser.add_argument("--tls", action="store_true", help="use TLS with the system roots")
+    parser.add_argument("--ca", type=Path, help="PEM root certificates for TLS")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("classify", "localize"):
+        p = sub.add_parser(name)
+        p.add_argument("images", nargs="+", type=Path)
+        p.add_argument("--model", default="")
+        p.add_argument("--version", default="")
+        p.add_argument("--top-k", type=int, default=5)
+        if name == "localize":
+            p.add_argument(
+                "--draw", type=Path, help="write the image with its box here (one input image only)"
+            )
+            p.add_argument(
+                "--heatmap",
+                action="store_true",
+                help="ask for the heatmap (and overlay it with --draw)",
+            )
+    sub.add_parser("models", help="list the server's models and versions")
+    h = sub.add_parser("health", help="exit 0 when SERVING, 1 otherwise")
+    h.add_argument("--service", default="", help="a service name ('' = the whole server)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        with ClassifierClient(
+            args.target,
+            timeout=args.timeout,
+            token=args.token,
+            tls=args.tls,
+            root_certificates=args.ca,
+        ) as client:
+            return _run(client, args)
+    except grpc.RpcError as exc:
+        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _run(client: ClassifierClient, args: argparse.Namespace) -> int:
+    if args.command == "health":
+        status = client.health(args.service)
+        print(status)
+        return 0 if status == "SERVING" else 1
+    if args.command == "models":
+        models = client.list_models()
+        if args.json:
+            print(
+                json.dumps(
+                    [
+                        {
+                            "name": m.name,
+                            "version": m.version,
+                            "state": m.state,
+                            "task": m.task,
+                            "labels": list(m.labels),
+                        }
+                        for m in models
+                    ]
+                )
+            )
+        else:
+            print(
+                _table(
+                    [
+                        [
+                            m.name,
+                            m.version,
+                            m.state,
+                            m.task,
+                            m.backbone,
+                            m.precision,
+                            ",".join(m.providers),
+                            m.error,
+                        ]
+                        for m in models
+                    ],
+                    [
+                        "model",
+                        "version",
+                        "state",
+                        "task",
+                        "backbone",
+                        "precision",
+                        "providers",
+                        "error",
+                    ],
+                )
+            )
+        return 0
+    if args.command == "classify":
+        results: list[Any] = client.classify(
+            args.images, model=args.model, version=args.version, top_k=args.top_k
+        )
+    else:
+        if args.draw and len(args.images) != 1:
+            raise ValueError("--draw takes exactly one image")
+        results = client.localize(
+            args.images,
+            model=args.model,
+            version=args.version,
+            top_k=args.top_k,
+            include_heatmap=args.heatmap,
+        )
+        if args.draw:
+            draw(args.images[0], results[0], args.draw, args.heatmap)
+    rows = []
+    for path, result in zip(args.images, results, strict=True):
+        for rank, p in enumerate(result.predictions, start=1):
+            row = [str(path) if rank == 1 else "", str(rank), p.label, f"{p.score:.4f}"]
+            if args.command == "localize":
+                b = result.box
+                row.append(
+                    f"{b.x_min:.0f},{b.y_min:.0f},{b.x_max:.0f},{b.y_max:.0f} ({result.box_source})"
+                    if rank == 1
+                    else ""
+                )
+            rows.append(row)
+    if args.json:
+        print(json.dumps([_as_json(path, r) for path, r in zip(args.images, results, strict=True)]))
+    else:
+        header = ["image", "rank", "label", "score"] + (
+            ["box"] if args.command == "localize" else []
+        )
+        print(_table(rows, header))
+    if args.command == "localize" and args.draw:
+        print(f"wrote {args.draw}")
+    return 0
+
+
+def _as_json(path: Path, result: Classification | Localization) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "image": str(path),
+        "predictions": [
+            {"index": p.index, "label": p.label, "score": p.score} for p in result.predictions
+        ],
+    }
+    if isinstance(result, Localization):
+        b = result.box
+        out["box"] = {
+            "x_min": b.x_min,
+            "y_min": b.y_min,
+            "x_max": b.x_max,
+            "y_max": b.y_max,
+            "score": b.score,
+            "source": result.box_source,
+        }
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

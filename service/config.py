@@ -1,0 +1,253 @@
+"""Server settings: defaults < YAML file < environment (CLASSIFIER_*) < command-line flags.
+
+    python -m service --config serve.yaml --max-batch-size 16
+    CLASSIFIER_MAX_BATCH_SIZE=16 python -m service
+
+Every field below is a flag (``--max-batch-size``), an environment variable
+(``CLASSIFIER_MAX_BATCH_SIZE``; lists as JSON) and a YAML key (``max_batch_size``).
+``python -m service --help`` lists them all with their defaults. Settings are validated at
+start; each bad field gets its own line in the error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from service.preprocess import ImageLimits
+from service.runner import DEFAULT_PROVIDERS, RunnerOptions
+
+ENV_PREFIX = "CLASSIFIER_"
+_yaml_file: ContextVar[Path | None] = ContextVar("_yaml_file", default=None)
+
+
+class ConfigError(ValueError):
+    """Settings that cannot be used; the message has one line per problem."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True)
+
+    # --- network --------------------------------------------------------------------
+    host: str = Field(default="127.0.0.1", description="address to bind (0.0.0.0: all)")
+    port: int = Field(default=50051, ge=0, le=65535, description="gRPC port (0: any free)")
+    metrics_port: int | None = Field(
+        default=9090,
+        ge=0,
+        le=65535,
+        description="Prometheus /metrics port (0: any free; none: off)",
+    )
+    max_receive_message_bytes: int = Field(
+        default=64 * 1024 * 1024, gt=0, description="largest gRPC request accepted"
+    )
+    max_send_message_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
+    auth_token: SecretStr | None = Field(
+        default=None, description="if set, calls need 'authorization: Bearer <token>'"
+    )
+    grace_seconds: float = Field(
+        default=10.0, ge=0, description="on SIGTERM, how long in-flight calls may finish"
+    )
+
+    # --- models ---------------------------------------------------------------------
+    model_repository: Path = Field(
+        default=Path("models"), description="folder of <name>/<version>/model.onnx"
+    )
+    models: list[str] = Field(default_factory=list, description="names to serve (empty: all)")
+    version_policy: Literal["latest", "all", "specific"] = "latest"
+    versions: dict[str, list[int]] = Field(
+        default_factory=dict, description="policy 'specific': {model: [versions]}"
+    )
+    repository_poll_seconds: float = Field(
+        default=0.0, ge=0, description="rescan the repository this often (0: never)"
+    )
+
+    # --- ONNX Runtime ---------------------------------------------------------------
+    providers: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_PROVIDERS),
+        description="execution providers, preferred first",
+    )
+    instances: int = Field(default=1, ge=1, description="concurrent executions per model")
+    intra_op_threads: int = Field(default=0, ge=0, description="0: one per core")
+    inter_op_threads: int = Field(default=1, ge=0)
+    graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
+    optimized_model_dir: Path | None = Field(
+        default=None, description="cache optimized graphs here"
+    )
+    device_id: int = Field(default=0, ge=0)
+    trt_fp16: bool = True
+    trt_engine_cache_dir: Path | None = Field(default=Path(".cache/tensorrt"))
+
+    # --- dynamic batching (Triton's names) ---------------------------------------------
+    max_batch_size: int = Field(default=32, ge=1)
+    max_queue_delay_us: int = Field(default=2000, ge=0, description="longest wait to fill a batch")
+    preferred_batch_sizes: list[int] = Field(default_factory=list)
+    max_queue_size: int = Field(default=1024, ge=1, description="pending images per model")
+
+    # --- requests and images ----------------------------------------------------------
+    max_images_per_request: int = Field(default=64, ge=1)
+    max_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
+    max_image_pixels: int = Field(default=40_000_000, ge=1)
+    jpeg_draft_factor: float = Field(default=2.0, ge=0)
+    preprocess_threads: int = Field(default=0, ge=0, description="0: one per core")
+    default_top_k: int = Field(default=5, ge=1)
+    heatmap_max_side: int = Field(default=224, ge=8)
+
+    # --- logging ----------------------------------------------------------------------
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "text"] = "json"
+
+    @field_validator("preferred_batch_sizes")
+    @classmethod
+    def _positive_sizes(cls, value: list[int]) -> list[int]:
+        if any(v < 1 for v in value):
+            raise ValueError("batch sizes must be >= 1")
+        return sorted(set(value))
+
+    @field_validator("providers")
+    @classmethod
+    def _some_provider(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("at least one execution provider is needed")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        too_big = [v for v in self.preferred_batch_sizes if v > self.max_batch_size]
+        if too_big:
+            raise ValueError(
+                f"preferred_batch_sizes {too_big} exceed max_batch_size {self.max_batch_size}"
+            )
+        if self.version_policy == "specific" and not self.versions:
+            raise ValueError("version_policy 'specific' needs versions, e.g. {demo: [1, 2]}")
+        if self.max_image_bytes > self.max_receive_message_bytes:
+            raise ValueError(
+                f"max_image_bytes ({self.max_image_bytes}) exceeds "
+                f"max_receive_message_bytes ({self.max_receive_message_bytes})"
+            )
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # First wins: flags (passed as init values) > environment > YAML file > defaults.
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        yaml_file = _yaml_file.get()
+        if yaml_file is not None:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file))
+        return tuple(sources)
+
+    # --- views for the parts that use them ----------------------------------------------
+
+    def image_limits(self) -> ImageLimits:
+        return ImageLimits(
+            max_bytes=self.max_image_bytes,
+            max_pixels=self.max_image_pixels,
+            jpeg_draft_factor=self.jpeg_draft_factor,
+        )
+
+    def runner_options(self) -> RunnerOptions:
+        return RunnerOptions(
+            providers=tuple(self.providers),
+            instances=self.instances,
+            intra_op_threads=self.intra_op_threads,
+            inter_op_threads=self.inter_op_threads,
+            graph_optimization=self.graph_optimization,
+            optimized_model_dir=self.optimized_model_dir,
+            device_id=self.device_id,
+            trt_fp16=self.trt_fp16,
+            trt_engine_cache_dir=self.trt_engine_cache_dir,
+        )
+
+
+def load_settings(config_file: Path | None = None, **flags: Any) -> Settings:
+    """Build validated settings; raises ConfigError with one line per bad field."""
+    if config_file is not None and not Path(config_file).is_file():
+        raise ConfigError(f"config file {config_file} does not exist")
+    token = _yaml_file.set(Path(config_file) if config_file else None)
+    try:
+        return Settings(**{k: v for k, v in flags.items() if v is not None})
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            field = ".".join(str(p) for p in error["loc"]) or "settings"
+            got = f" (got {error['input']!r})" if "input" in error and error["loc"] else ""
+            lines.append(f"  {field}: {error['msg']}{got}")
+        raise ConfigError("invalid settings:\n" + "\n".join(lines)) from None
+    finally:
+        _yaml_file.reset(token)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m service",
+        description="Serve image classification and localization models over gRPC.",
+        epilog=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--config", type=Path, help=f"YAML file of settings (env: {ENV_PREFIX}CONFIG)"
+    )
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the effective settings as JSON and exit"
+    )
+    for name, field in Settings.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        shown = json.dumps(default, default=str) if not isinstance(default, str) else default
+        text = (
+            f"{field.description + ' ' if field.description else ''}(default: {shown}; "
+            f"env: {ENV_PREFIX}{name.upper()})"
+        )
+        if field.annotation is bool:
+            parser.add_argument(
+                _flag(name),
+                dest=name,
+                default=None,
+                action=argparse.BooleanOptionalAction,
+                help=text,
+            )
+        else:
+            parser.add_argument(_flag(name), dest=name, default=None, metavar="VALUE", help=text)
+    return parser
+
+
+def parse_flag_values(namespace: argparse.Namespace) -> dict[str, Any]:
+    """Flag strings → values pydantic can validate (lists and dicts given as JSON or a,b,c)."""
+    out: dict[str, Any] = {}
+    for name, field in Settings.model_fields.items():
+        value = getattr(namespace, name, None)
+        if value is None or isinstance(value, bool):
+            if value is not None:
+                out[name] = value
+            continue
+        annotation = str(field.annotation)
+        if value.lower() in ("none", "null") and "None" in annotation:
+            out[name] = None
+        elif annotation.startswith(("list", "dict")):
+            try:
+                out[name] = json.loads(value)
+            except json.JSONDecodeError:
+                out[name] = [v.strip() for v in value.split(",") if v.strip()]
+        else:
+            out[name] = value
+    return out

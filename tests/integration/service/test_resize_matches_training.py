@@ -1,0 +1,59 @@
+"""The server's preprocessing equals training's eval transform on the demo val set."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.preprocess import ImageLimits, load_rgb, preprocess_encoded
+from service.runner import CPU, Runner, RunnerOptions
+from training.data import load_dataset
+from training.presets import eval_transform
+
+pytestmark = pytest.mark.slow
+
+
+def _compare(paths: list[Path], payloads: list[bytes], model: Path) -> tuple[float, float]:
+    runner = Runner(model, RunnerOptions(providers=[CPU]))
+    spec = runner.spec
+    h, w = spec.input.height, spec.input.width
+    transform = eval_transform(spec.preprocessing, h, w)
+    ours = np.stack([preprocess_encoded(data, spec, ImageLimits())[0] for data in payloads])
+    theirs = np.stack([transform(load_rgb(str(p))).permute(1, 2, 0).numpy() for p in paths])
+    mean_delta = float(np.abs(ours.astype(np.int16) - theirs.astype(np.int16)).mean())
+    top_ours = runner.run(ours)["probabilities"].argmax(1)
+    top_theirs = runner.run(theirs)["probabilities"].argmax(1)
+    return mean_delta, float((top_ours == top_theirs).mean())
+
+
+def test_demo_val_set(quick_model: dict[str, Path]) -> None:
+    samples = load_dataset(quick_model["data"], splits=("val",)).splits["val"].samples
+    paths = [s.path for s in samples]
+    mean_delta, agreement = _compare(paths, [p.read_bytes() for p in paths], quick_model["model"])
+    assert mean_delta <= 1.5
+    assert agreement == 1.0
+
+
+def test_large_jpegs_through_draft_mode(quick_model: dict[str, Path], tmp_path: Path) -> None:
+    """Camera-sized JPEGs take the draft-mode shortcut; the result stays within 1.5/255."""
+    samples = load_dataset(quick_model["data"], splits=("val",)).splits["val"].samples[:40]
+    paths = []
+    for i, sample in enumerate(samples):
+        with Image.open(sample.path) as image:
+            big = image.convert("RGB").resize(
+                (image.width * 6, image.height * 6), Image.Resampling.BICUBIC
+            )
+        path = tmp_path / f"{i}.jpg"
+        big.save(path, quality=92)
+        paths.append(path)
+    payloads = [p.read_bytes() for p in paths]
+    with Image.open(io.BytesIO(payloads[0])) as probe:
+        probe.draft("RGB", (128, 128))
+        assert probe.size[0] < Image.open(paths[0]).size[0]  # draft really applies
+    mean_delta, agreement = _compare(paths, payloads, quick_model["model"])
+    assert mean_delta <= 1.5
+    assert agreement >= 0.95
