@@ -40,7 +40,9 @@ ImageInput = str | Path | bytes | bytearray | memoryview | Image.Image | np.ndar
 DEFAULT_TARGET = os.environ.get("CLASSIFIER_TARGET", "localhost:50051")
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
-_RETRY_POLICY = {
+_SERVICE_CONFIG = {
+    # Several addresses behind one name (a headless Kubernetes Service): spread calls.
+    "loadBalancingConfig": [{"round_robin": {}}],
     "methodConfig": [
         {
             "name": [
@@ -55,7 +57,7 @@ _RETRY_POLICY = {
                 "retryableStatusCodes": ["UNAVAILABLE"],
             },
         }
-    ]
+    ],
 }
 
 
@@ -64,7 +66,7 @@ def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[st
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.enable_retries", 1),
-        ("grpc.service_config", json.dumps(_RETRY_POLICY)),
+        ("grpc.service_config", json.dumps(_SERVICE_CONFIG)),
         # Requests are retried only while they fit this buffer (default 256 KiB).
         ("grpc.per_rpc_retry_buffer_size", max_message_bytes),
     ]

@@ -166,14 +166,27 @@ class Runner:
         return out
 
     def _new_session(self, instance: int) -> ort.InferenceSession:
-        try:
-            return ort.InferenceSession(
-                str(self.path),
-                self._session_options(instance),
-                providers=self._provider_options(),
-            )
-        except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
-            raise ValueError(f"cannot load {self.path} into ONNX Runtime: {exc}") from exc
+        while True:
+            try:
+                return ort.InferenceSession(
+                    str(self.path),
+                    self._session_options(instance),
+                    providers=self._provider_options(),
+                )
+            except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
+                # A GPU provider compiled into this build but unable to start here (no
+                # TensorRT libraries, no device) must not take the model down: step back.
+                gpu = [p for p in self.providers if p in (TENSORRT, CUDA)]
+                if not gpu:
+                    raise ValueError(f"cannot load {self.path} into ONNX Runtime: {exc}") from exc
+                log.warning(
+                    "%s failed for %s (%s); falling back to %s",
+                    gpu[0],
+                    self.path,
+                    exc,
+                    [p for p in self.providers if p != gpu[0]],
+                )
+                self.providers = [p for p in self.providers if p != gpu[0]]
 
     def _check_io(self, session: ort.InferenceSession) -> None:
         """The graph must match its ModelSpec; a mismatch means a broken export."""

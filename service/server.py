@@ -5,6 +5,9 @@
     await server.wait_until_ready()
     await server.stop(grace)                       # NOT_SERVING, drain in-flight, unload
 
+Health entries: "" (the server) and "classifier.v1.ImageClassifier" turn SERVING once a
+model version is loaded and warm; "liveness" is SERVING as long as the process runs.
+
 ``serve(settings)`` runs that until SIGTERM or SIGINT and returns normally (exit code 0):
 health turns NOT_SERVING first (load balancers stop routing), new calls are refused, and
 in-flight calls get ``grace_seconds`` to finish.
@@ -32,6 +35,7 @@ from service.servicer import ImageClassifierServicer
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ImageClassifier"].full_name
+LIVENESS = "liveness"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -67,6 +71,9 @@ class ClassifierServer:
 
     async def start(self) -> None:
         await self._set_health(NOT_SERVING)
+        # "liveness" answers SERVING while the process runs (a liveness probe must not
+        # restart a pod that is merely still loading its models).
+        await self.health.set(LIVENESS, SERVING)
         await self.grpc_server.start()
         if self.settings.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.settings.host, self.settings.metrics_port)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 import sys
 import threading
@@ -111,12 +112,25 @@ def test_heatmap_and_model_info(demo_server: ServerProcess, quick_model: dict[st
     assert [(m.name, m.version) for m in models] == [("demo", "1")]
 
 
+def test_docker_healthcheck_command_against_a_real_server(demo_server: ServerProcess) -> None:
+    from tests.unit.deploy.test_deploy_files import dockerfile_instruction
+
+    command = json.loads(dockerfile_instruction("HEALTHCHECK", "cpu").split("CMD", 1)[1])
+    command = [demo_server.target if arg == "127.0.0.1:50051" else arg for arg in command]
+    assert command[0] == "python"
+    done = subprocess.run(
+        [sys.executable, *command[1:]], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "SERVING"
+
+
 def test_health_reflection_and_metrics(
     demo_server: ServerProcess, quick_model: dict[str, Path]
 ) -> None:
     with demo_server.client() as client:
         assert client.health() == "SERVING"
         assert client.health("classifier.v1.ImageClassifier") == "SERVING"
+        assert client.health("liveness") == "SERVING"
         before = metric(demo_server, "classifier_requests_total", method="Classify", code="OK")
         images_before = metric(demo_server, "classifier_images_total", model="demo")
         client.classify([val_samples(quick_model)[1].path] * 3)
@@ -255,6 +269,7 @@ def test_health_turns_serving_only_after_a_model_is_loaded_and_warm(
     path = val_samples(quick_model)[0].path
     with server.client() as client:
         assert client.health() == "NOT_SERVING"
+        assert client.health("liveness") == "SERVING"  # alive, just not ready yet
         with pytest.raises(grpc.RpcError) as info:
             client.classify([path], model="demo")
         assert info.value.code() is grpc.StatusCode.NOT_FOUND

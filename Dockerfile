@@ -1,0 +1,77 @@
+# syntax=docker/dockerfile:1
+# The serving images. No torch in either: they run exported ONNX models only.
+#
+#   docker build --target cpu -t imgclf:cpu .
+#   docker build --target gpu -t imgclf:gpu .
+#   docker run -p 50051:50051 -p 9090:9090 -v "$PWD/models:/models:ro" imgclf:cpu
+#
+# Models are mounted at /models (<name>/<version>/model.onnx). Every server setting is an
+# environment variable CLASSIFIER_<NAME> or a flag after the image name.
+
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+# --- builder: generated gRPC code and the wheel -------------------------------------------
+FROM ${PYTHON_IMAGE} AS builder
+WORKDIR /src
+RUN pip install --no-cache-dir "grpcio-tools==1.85.1" "build==1.6.1"
+COPY pyproject.toml README.md ./
+COPY proto/ proto/
+COPY service/ service/
+RUN python -m service.protogen \
+    && python -m build --wheel --outdir /wheels .
+
+# --- cpu: python slim + onnxruntime -------------------------------------------------------
+FROM ${PYTHON_IMAGE} AS cpu
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    CLASSIFIER_HOST=0.0.0.0 \
+    CLASSIFIER_MODEL_REPOSITORY=/models \
+    CLASSIFIER_PROVIDERS='["CPUExecutionProvider"]'
+RUN groupadd --system --gid 10001 app \
+    && useradd --system --uid 10001 --gid app --home-dir /app --create-home app
+WORKDIR /app
+COPY --from=builder /wheels/ /wheels/
+RUN pip install --no-cache-dir /wheels/*.whl \
+    && rm -rf /wheels \
+    && python -c "import service.server, sys; assert 'torch' not in sys.modules"
+USER 10001:10001
+EXPOSE 50051 9090
+VOLUME ["/models"]
+HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
+    CMD ["python", "-m", "service.client", "--target", "127.0.0.1:50051", "--timeout", "3", "health"]
+ENTRYPOINT ["python", "-m", "service"]
+
+# --- gpu: CUDA 13 + cuDNN 9 runtime, onnxruntime-gpu, TensorRT 10 libraries ---------------
+# onnxruntime-gpu 1.31 links libcudart.so.13, libcudnn.so.9 and libnvinfer.so.10.
+FROM nvidia/cuda:13.0.0-cudnn-runtime-ubuntu24.04 AS gpu
+# Ubuntu's python3 follows its security updates; pinning it would break rebuilds.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv \
+    && rm -rf /var/lib/apt/lists/*
+ENV VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    CLASSIFIER_HOST=0.0.0.0 \
+    CLASSIFIER_MODEL_REPOSITORY=/models \
+    CLASSIFIER_TRT_ENGINE_CACHE_DIR=/cache/tensorrt
+RUN python3 -m venv /opt/venv \
+    && groupadd --system --gid 10001 app \
+    && useradd --system --uid 10001 --gid app --home-dir /app --create-home app \
+    && mkdir -p /cache/tensorrt && chown app:app /cache/tensorrt
+WORKDIR /app
+COPY --from=builder /wheels/ /wheels/
+# The project depends on the CPU onnxruntime; the GPU build replaces it (same Python API).
+RUN pip install --no-cache-dir /wheels/*.whl \
+    && pip uninstall -y onnxruntime \
+    && pip install --no-cache-dir "onnxruntime-gpu==1.31.1" \
+    && pip install --no-cache-dir --extra-index-url https://pypi.nvidia.com "tensorrt-cu13-libs==10.16.1.11" \
+    && rm -rf /wheels
+ENV LD_LIBRARY_PATH=/opt/venv/lib/python3.12/site-packages/tensorrt_libs
+USER 10001:10001
+EXPOSE 50051 9090
+VOLUME ["/models", "/cache/tensorrt"]
+HEALTHCHECK --interval=10s --timeout=5s --start-period=300s --retries=3 \
+    CMD ["python", "-m", "service.client", "--target", "127.0.0.1:50051", "--timeout", "3", "health"]
+ENTRYPOINT ["python", "-m", "service"]

@@ -1,0 +1,123 @@
+"""Deployment files, checked structurally (no Docker engine or cluster here): they parse,
+they agree with each other, and they only use what the server really exposes."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from service.config import Settings, load_settings
+from service.metrics import Metrics
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def load(path: str) -> Any:
+    return yaml.safe_load((ROOT / path).read_text())
+
+
+def exposed_metric_names() -> set[str]:
+    names = set()
+    for family in Metrics().registry.collect():
+        for sample in family.samples:
+            names.add(sample.name)
+        names.add(family.name)
+        if family.type == "counter":
+            names.add(family.name + "_total")
+        if family.type == "histogram":
+            names |= {family.name + s for s in ("_bucket", "_sum", "_count")}
+    return names
+
+
+def used_metric_names(text: str) -> set[str]:
+    return set(re.findall(r"\bclassifier_[a-z_]+\b", text))
+
+
+def test_compose_serves_the_cpu_image_with_models_and_prometheus() -> None:
+    compose = load("docker-compose.yml")
+    services = compose["services"]
+    classifier = services["classifier"]
+    assert classifier["build"]["target"] == "cpu"
+    assert {"50051:50051", "9090:9090"} <= set(classifier["ports"])
+    assert "./models:/models:ro" in classifier["volumes"]
+    assert "deploy" not in classifier  # the GPU reservation stays commented out
+    assert "driver: nvidia" in (ROOT / "docker-compose.yml").read_text()
+    for volume in services["prometheus"]["volumes"] + services["grafana"]["volumes"]:
+        source = volume.split(":")[0]
+        assert (ROOT / source).exists(), source
+    for key, value in classifier["environment"].items():  # settings the server accepts
+        assert key.startswith("CLASSIFIER_")
+        assert key.removeprefix("CLASSIFIER_").lower() in Settings.model_fields
+        load_settings(**{key.removeprefix("CLASSIFIER_").lower(): value})
+
+
+def test_prometheus_scrapes_the_classifier_metrics_port() -> None:
+    config = load("deploy/prometheus.yml")
+    (job,) = config["scrape_configs"]
+    assert job["metrics_path"] == "/metrics"
+    assert job["static_configs"][0]["targets"] == ["classifier:9090"]
+    assert Settings.model_fields["metrics_port"].default == 9090
+
+
+@pytest.mark.parametrize(
+    "path", ["deploy/prometheus-rules.yml", "deploy/grafana/dashboards/classifier.json"]
+)
+def test_alerts_and_dashboard_use_only_real_metrics(path: str) -> None:
+    text = (ROOT / path).read_text()
+    used = used_metric_names(text)
+    assert used, "no metric referenced"
+    assert used <= exposed_metric_names(), used - exposed_metric_names()
+    if path.endswith(".json"):
+        dashboard = json.loads(text)
+        assert all(p["targets"] for p in dashboard["panels"])
+    else:
+        rules = yaml.safe_load(text)["groups"][0]["rules"]
+        assert all({"alert", "expr"} <= set(rule) for rule in rules)
+
+
+def test_kubernetes_manifests_fit_together() -> None:
+    docs = {
+        (d["kind"], d["metadata"]["name"]): d
+        for d in yaml.safe_load_all((ROOT / "deploy/k8s/classifier.yaml").read_text())
+    }
+    deployment = docs[("Deployment", "imgclf")]
+    service = docs[("Service", "imgclf-headless")]
+    hpa = docs[("HorizontalPodAutoscaler", "imgclf")]
+    config = docs[("ConfigMap", "imgclf-config")]
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    assert hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    assert container["readinessProbe"]["grpc"]["port"] == 50051
+    assert container["livenessProbe"]["grpc"]["service"] == "liveness"
+    settings = yaml.safe_load(config["data"]["serve.yaml"])
+    validated = load_settings(**settings)  # the config map is valid server settings
+    assert validated.grace_seconds < pod["terminationGracePeriodSeconds"]
+    claim = pod["volumes"][0]["persistentVolumeClaim"]["claimName"]
+    assert ("PersistentVolumeClaim", claim) in docs
+
+
+def dockerfile_instruction(name: str, target: str) -> str:
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    stage = text.split(f" AS {target}", 1)[1].split("\nFROM ", 1)[0]
+    return next(line for line in stage.splitlines() if line.startswith(name + " "))
+
+
+@pytest.mark.parametrize("target", ["cpu", "gpu"])
+def test_dockerfile_runs_the_server_and_checks_health_with_the_client(target: str) -> None:
+    entrypoint = json.loads(dockerfile_instruction("ENTRYPOINT", target).split(" ", 1)[1])
+    assert entrypoint == ["python", "-m", "service"]
+    health = dockerfile_instruction("HEALTHCHECK", target)
+    command = json.loads(health.split("CMD", 1)[1])
+    assert command[:3] == ["python", "-m", "service.client"] and command[-1] == "health"
+    assert dockerfile_instruction("USER", target).split()[1] == "10001:10001"
+    install = dockerfile_instruction("RUN pip", target)
+    assert "/wheels/*.whl" in install and "torch" not in install.replace(
+        "'torch' not in sys.modules", ""
+    )
