@@ -37,7 +37,7 @@ test: setup  ## the test suite
 lint: setup  ## ruff (lint + format check), mypy, hadolint
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy service training tests
+	$(VENV)/bin/mypy service training bench tests
 	@if [ -f Dockerfile ]; then $(VENV)/bin/hadolint Dockerfile; fi
 
 demo-data: setup  ## build the offline demo dataset (digits on photos) in data/demo

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sys
 from pathlib import Path
@@ -24,12 +23,12 @@ def main(argv: list[str] | None = None) -> int:
         print(settings.model_dump_json(indent=2))
         return 0
 
-    from service import logs
+    from service import eventloop, logs
     from service.server import serve
 
     logs.configure(settings.log_level, settings.log_format)
     try:
-        asyncio.run(serve(settings))
+        eventloop.run(serve(settings))
     except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
@@ -30,6 +31,14 @@ from service.runner import DEFAULT_PROVIDERS, RunnerOptions
 
 ENV_PREFIX = "CLASSIFIER_"
 _yaml_file: ContextVar[Path | None] = ContextVar("_yaml_file", default=None)
+
+
+def cpu_count() -> int:
+    """Cores this process may use (cgroup/affinity aware where the OS says so)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
 
 
 class ConfigError(ValueError):
@@ -78,8 +87,18 @@ class Settings(BaseSettings):
         description="execution providers, preferred first",
     )
     instances: int = Field(default=1, ge=1, description="concurrent executions per model")
-    intra_op_threads: int = Field(default=0, ge=0, description="0: one per core")
+    intra_op_threads: int = Field(
+        default=0,
+        ge=0,
+        description="ONNX Runtime threads per execution (0: half the "
+        "cores; decoding needs the other half)",
+    )
     inter_op_threads: int = Field(default=1, ge=0)
+    allow_spinning: bool = Field(
+        default=False,
+        description="let ONNX Runtime threads busy-wait between runs (burns CPU that "
+        "decoding and gRPC need)",
+    )
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
     optimized_model_dir: Path | None = Field(
         default=None, description="cache optimized graphs here"
@@ -90,7 +109,12 @@ class Settings(BaseSettings):
 
     # --- dynamic batching (Triton's names) ---------------------------------------------
     max_batch_size: int = Field(default=32, ge=1)
-    max_queue_delay_us: int = Field(default=2000, ge=0, description="longest wait to fill a batch")
+    max_queue_delay_us: int = Field(
+        default=0,
+        ge=0,
+        description="longest wait for more images before a batch goes (batches also grow "
+        "while every execution slot is busy, so 0 still batches under load)",
+    )
     preferred_batch_sizes: list[int] = Field(default_factory=list)
     max_queue_size: int = Field(default=1024, ge=1, description="pending images per model")
 
@@ -99,7 +123,12 @@ class Settings(BaseSettings):
     max_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
     max_image_pixels: int = Field(default=40_000_000, ge=1)
     jpeg_draft_factor: float = Field(default=2.0, ge=0)
-    preprocess_threads: int = Field(default=0, ge=0, description="0: one per core")
+    preprocess_threads: int = Field(
+        default=0,
+        ge=0,
+        description="decode/resize threads (0: two per core, which hides "
+        "the GIL hand-offs between Pillow's C code and Python)",
+    )
     default_top_k: int = Field(default=5, ge=1)
     heatmap_max_side: int = Field(default=224, ge=8)
 
@@ -155,6 +184,10 @@ class Settings(BaseSettings):
 
     # --- views for the parts that use them ----------------------------------------------
 
+    @property
+    def decode_threads(self) -> int:
+        return self.preprocess_threads or 2 * cpu_count()
+
     def image_limits(self) -> ImageLimits:
         return ImageLimits(
             max_bytes=self.max_image_bytes,
@@ -166,8 +199,9 @@ class Settings(BaseSettings):
         return RunnerOptions(
             providers=tuple(self.providers),
             instances=self.instances,
-            intra_op_threads=self.intra_op_threads,
+            intra_op_threads=self.intra_op_threads or max(1, cpu_count() // 2 // self.instances),
             inter_op_threads=self.inter_op_threads,
+            allow_spinning=self.allow_spinning,
             graph_optimization=self.graph_optimization,
             optimized_model_dir=self.optimized_model_dir,
             device_id=self.device_id,

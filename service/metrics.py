@@ -6,6 +6,7 @@ process (the tests do this) and ``/metrics`` shows exactly one server's numbers.
 
 from __future__ import annotations
 
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -94,6 +95,16 @@ class Metrics:
             registry=r,
         )
         self._http: WSGIServer | None = None
+        self._children: dict[tuple[object, ...], Any] = {}
+
+    def child(self, metric: Any, *label_values: str) -> Any:
+        """``metric.labels(*label_values)``, cached: label lookup is a measurable part of
+        a small request's cost, and the label sets are few."""
+        key = (id(metric), *label_values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*label_values)
+        return found
 
     def serve(self, host: str, port: int) -> int:
         """Start /metrics on its own HTTP port (a daemon thread); returns the bound port."""

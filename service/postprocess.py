@@ -22,8 +22,9 @@ BOX_SOURCE_CAM = "cam"
 def top_k(probabilities: np.ndarray, k: int, labels: list[str]) -> list[Prediction]:
     """The k most probable classes of one image, best first."""
     k = max(1, min(k, len(probabilities)))
-    if k == len(probabilities):
-        order = np.argsort(-probabilities, kind="stable")
+    if k == len(probabilities) or len(probabilities) <= 64:
+        # A full sort of a short row is cheaper than argpartition's setup.
+        order = np.argsort(-probabilities, kind="stable")[:k]
     else:
         part = np.argpartition(-probabilities, k - 1)[:k]
         order = part[np.argsort(-probabilities[part], kind="stable")]

@@ -48,6 +48,9 @@ class RunnerOptions:
     instances: int = 1
     intra_op_threads: int = 0  # 0: ONNX Runtime's default (one per physical core)
     inter_op_threads: int = 1
+    # ONNX Runtime's workers spin after each run by default; in a server whose other
+    # threads (decoding, gRPC) share the cores, that spinning steals their CPU.
+    allow_spinning: bool = False
     graph_optimization: str = "all"
     optimized_model_dir: Path | None = None  # cache of the optimized graph (CPU only)
     device_id: int = 0
@@ -130,6 +133,9 @@ class Runner:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = opts.inter_op_threads
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        spin = "1" if opts.allow_spinning else "0"
+        so.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        so.add_session_config_entry("session.inter_op.allow_spinning", spin)
         for key, value in opts.extra_session_config.items():
             so.add_session_config_entry(key, value)
         only_cpu = self.providers == [CPU]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
 
@@ -130,10 +129,7 @@ class ClassifierServer:
 async def create_server(settings: Settings) -> tuple[ClassifierServer, int]:
     """Build and bind the server (port 0 picks a free one); ``start()`` it to serve."""
     metrics = Metrics()
-    cores = os.cpu_count() or 1
-    preprocess_pool = ThreadPoolExecutor(
-        settings.preprocess_threads or cores, thread_name_prefix="preprocess"
-    )
+    preprocess_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="preprocess")
     inference_pool = ThreadPoolExecutor(
         max(2, settings.instances * 4), thread_name_prefix="inference"
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import itertools
 import logging
 import time
 import uuid
@@ -115,6 +116,8 @@ class ImageClassifierServicer(pb_grpc.ImageClassifierServicer):
         self.shutting_down = shutting_down
         token = settings.auth_token
         self._expected_auth = f"Bearer {token.get_secret_value()}".encode() if token else None
+        self._id_prefix = uuid.uuid4().hex[:8]
+        self._ids = itertools.count(1)
 
     # --- RPCs ---------------------------------------------------------------------------
 
@@ -163,26 +166,29 @@ class ImageClassifierServicer(pb_grpc.ImageClassifierServicer):
             code = grpc.StatusCode.INTERNAL
         finally:
             seconds = time.perf_counter() - started
-            self.metrics.requests.labels(method=method, code=code.name, **labels).inc()
-            self.metrics.request_duration.labels(model=labels["model"], method=method).observe(
+            self.metrics.child(
+                self.metrics.requests, labels["model"], labels["version"], method, code.name
+            ).inc()
+            self.metrics.child(self.metrics.request_duration, labels["model"], method).observe(
                 seconds
             )
             level = logging.DEBUG if code is grpc.StatusCode.OK else logging.WARNING
-            log.log(
-                level,
-                "%s %s",
-                method,
-                code.name,
-                extra={
-                    "request_id": request_id,
-                    "method": method,
-                    "code": code.name,
-                    "model": labels["model"],
-                    "version": labels["version"],
-                    "ms": round(seconds * 1000, 2),
-                    "error": error.message if error else None,
-                },
-            )
+            if log.isEnabledFor(level):  # the extra dict costs more than the call itself
+                log.log(
+                    level,
+                    "%s %s",
+                    method,
+                    code.name,
+                    extra={
+                        "request_id": request_id,
+                        "method": method,
+                        "code": code.name,
+                        "model": labels["model"],
+                        "version": labels["version"],
+                        "ms": round(seconds * 1000, 2),
+                        "error": error.message if error else None,
+                    },
+                )
         assert error is not None
         await context.abort(code, error.message)
 
@@ -190,7 +196,8 @@ class ImageClassifierServicer(pb_grpc.ImageClassifierServicer):
         for key, value in context.invocation_metadata() or ():
             if key == "x-request-id" and value:
                 return str(value)[:64]
-        return uuid.uuid4().hex[:16]
+        # Unique per process and cheap (uuid4 reads the OS entropy pool on every call).
+        return f"{self._id_prefix}-{next(self._ids):x}"
 
     def _authorize(self, context: Any) -> None:
         if self._expected_auth is None:
@@ -246,7 +253,7 @@ class ImageClassifierServicer(pb_grpc.ImageClassifierServicer):
                 future.cancel()  # the batcher drops them before compute
             raise
         _raise_first(rows)
-        self.metrics.images.labels(**labels).inc(count)
+        self.metrics.child(self.metrics.images, labels["model"], labels["version"]).inc(count)
         return rows, [p[1] for p in prepared]  # type: ignore[index,return-value]
 
     def _top_k(self, request: Any, spec: ModelSpec) -> int:

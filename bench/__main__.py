@@ -1,0 +1,105 @@
+"""``python -m bench``: load, limit and report.
+
+python -m bench load --target localhost:50051 --images bench/scratch/photos -c 8 --seconds 10
+python -m bench load --rate 200 --seconds 10            # open loop, Poisson arrivals
+python -m bench limit --model models/demo/1/model.onnx
+python -m bench report [--case demo|resnet50] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    load = sub.add_parser("load", help="drive a running server (loopback only)")
+    load.add_argument("--target", default="localhost:50051")
+    load.add_argument("--images", type=Path, help="folder of images (default: the bench photos)")
+    load.add_argument("--model", default="")
+    load.add_argument("-c", "--concurrency", type=int, default=8, help="closed-loop callers")
+    load.add_argument("--rate", type=float, help="open loop: requests/s (Poisson)")
+    load.add_argument("--seconds", type=float, default=10.0, help="measured duration")
+    load.add_argument("--requests", type=int, help="stop after this many measured requests")
+    load.add_argument("--warmup", type=float, default=2.0, help="seconds not measured")
+    load.add_argument("--images-per-request", type=int, default=1)
+    load.add_argument("--method", choices=["classify", "localize"], default="classify")
+    load.add_argument("--json", type=Path, help="also write the result here")
+
+    limit = sub.add_parser("limit", help="the in-process pipeline, no gRPC")
+    limit.add_argument("--model", type=Path, required=True, help="model.onnx")
+    limit.add_argument("--images", type=Path)
+    limit.add_argument("--seconds", type=float, default=5.0, help="per batch size")
+
+    report = sub.add_parser("report", help="limit vs our server vs the Triton peer")
+    report.add_argument("--case", choices=["demo", "resnet50"], default="demo")
+    report.add_argument("--repository", type=Path, default=Path("models"))
+    report.add_argument("--concurrency", default="1,4,8,16,32")
+    report.add_argument("--seconds", type=float, default=15.0, help="per measurement")
+    report.add_argument("--peer-venv", type=Path, default=Path("/tmp/pytriton-venv"))
+    report.add_argument("--no-peer", action="store_true")
+    report.add_argument(
+        "--torch", action="store_true", help="also PyTorch eager on the checkpoint (demo case)"
+    )
+    report.add_argument("--results", type=Path, default=Path("bench/results"))
+    report.add_argument(
+        "--server-flag", action="append", default=[], help="extra flag for our server (repeatable)"
+    )
+    return parser
+
+
+def _images(folder: Path | None) -> list[bytes]:
+    from bench.workload import load_folder, photo_folder
+
+    return load_folder(folder or photo_folder())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "load":
+        from bench.load import run_load
+        from service import eventloop
+
+        result = eventloop.run(
+            run_load(
+                args.target,
+                _images(args.images),
+                model=args.model,
+                concurrency=args.concurrency,
+                rate=args.rate,
+                seconds=args.seconds,
+                max_requests=args.requests,
+                warmup=args.warmup,
+                images_per_request=args.images_per_request,
+                method=args.method,
+            )
+        )
+        print(result.to_json())
+        print(result.summary(), file=sys.stderr)
+        if args.json:
+            args.json.write_text(result.to_json() + "\n")
+        return 0
+    if args.command == "limit":
+        from bench.limit import measure_limit
+
+        limit = measure_limit(args.model, _images(args.images), seconds=args.seconds)
+        print(json.dumps(limit.as_dict()))
+        print(limit.summary(), file=sys.stderr)
+        return 0
+    from bench.report import run_report
+
+    run_report(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""Load generator for our gRPC API: closed loop (N callers) or open loop (Poisson arrivals).
+
+Requests are serialised once up front and sent through a raw unary-unary call (bytes in,
+bytes out), so the generator spends its CPU on the network and not on protobuf: it shares
+the machine with the server it measures. Latency in open loop is counted from each
+request's scheduled time, so a slow server cannot hide its queueing (no coordinated
+omission). Only loopback targets are accepted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import grpc
+import numpy as np
+
+from service.client import channel_options
+from service.proto_gen.classifier.v1 import classifier_pb2 as pb
+
+LOOPBACK = {"localhost", "127.0.0.1", "::1", "[::1]"}
+METHODS = {
+    "classify": "/classifier.v1.ImageClassifier/Classify",
+    "localize": "/classifier.v1.ImageClassifier/Localize",
+}
+
+
+@dataclass
+class LoadResult:
+    mode: str
+    concurrency: int | None
+    target_rate: float | None
+    images_per_request: int
+    seconds: float
+    requests: int
+    images: int
+    requests_per_s: float
+    images_per_s: float
+    latency_ms: dict[str, float]
+    errors: dict[str, int] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        lat = self.latency_ms
+        errors = sum(self.errors.values())
+        load = f"c={self.concurrency}" if self.mode == "closed" else f"rate={self.target_rate}/s"
+        return (
+            f"{self.mode} {load} x{self.images_per_request}: {self.images_per_s:.1f} img/s "
+            f"{self.requests_per_s:.1f} req/s  p50 {lat.get('p50', 0):.2f} ms  "
+            f"p90 {lat.get('p90', 0):.2f}  p99 {lat.get('p99', 0):.2f}  "
+            f"max {lat.get('max', 0):.2f}  errors {errors}"
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+
+def check_loopback(target: str) -> None:
+    host = target.rsplit(":", 1)[0]
+    if host not in LOOPBACK:
+        raise ValueError(f"bench load only targets this machine (localhost); got {target!r}")
+
+
+def build_requests(
+    images: list[bytes], model: str, images_per_request: int, method: str, top_k: int = 5
+) -> list[bytes]:
+    """One serialised request per starting image, cycling through the images."""
+    out = []
+    for start in range(len(images)):
+        batch = [
+            pb.Image(encoded=images[(start + i) % len(images)]) for i in range(images_per_request)
+        ]
+        request: Any = (pb.LocalizeRequest if method == "localize" else pb.ClassifyRequest)(
+            model=model, images=batch, top_k=top_k
+        )
+        out.append(request.SerializeToString())
+    return out
+
+
+def _percentiles(latencies: list[float]) -> dict[str, float]:
+    if not latencies:
+        return {}
+    ms = np.array(latencies) * 1000
+    return {
+        "p50": float(np.percentile(ms, 50)),
+        "p90": float(np.percentile(ms, 90)),
+        "p99": float(np.percentile(ms, 99)),
+        "max": float(ms.max()),
+        "mean": float(ms.mean()),
+    }
+
+
+async def run_load(
+    target: str,
+    images: list[bytes],
+    *,
+    model: str = "",
+    concurrency: int | None = 8,
+    rate: float | None = None,
+    seconds: float = 10.0,
+    max_requests: int | None = None,
+    warmup: float = 2.0,
+    images_per_request: int = 1,
+    method: str = "classify",
+    timeout: float = 30.0,
+    seed: int = 0,
+) -> LoadResult:
+    """Closed loop when ``rate`` is None (``concurrency`` callers), else open loop."""
+    check_loopback(target)
+    requests = build_requests(images, model, images_per_request, method)
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    done_in_window = 0
+    async with grpc.aio.insecure_channel(target, options=channel_options()) as channel:
+        call = channel.unary_unary(METHODS[method])
+        await channel.channel_ready()
+        started = time.perf_counter()
+        measure_from = started + warmup
+        stop_at = measure_from + seconds
+
+        def finished() -> bool:
+            return time.perf_counter() >= stop_at or (
+                max_requests is not None and done_in_window >= max_requests
+            )
+
+        async def one(payload: bytes, sent: float) -> None:
+            nonlocal done_in_window
+            try:
+                await call(payload, timeout=timeout)
+                code = "OK"
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code().name
+            end = time.perf_counter()
+            if sent >= measure_from and end <= stop_at:
+                done_in_window += 1
+                if code == "OK":
+                    latencies.append(end - sent)
+                else:
+                    errors[code] = errors.get(code, 0) + 1
+
+        if rate is None:
+
+            async def caller(k: int) -> None:
+                i = k
+                while not finished():
+                    await one(requests[i % len(requests)], time.perf_counter())
+                    i += concurrency or 1
+
+            await asyncio.gather(*(caller(k) for k in range(concurrency or 1)))
+        else:
+            rng = random.Random(seed)
+            in_flight: set[asyncio.Task[None]] = set()
+            scheduled = time.perf_counter()
+            i = 0
+            while not finished():
+                scheduled += rng.expovariate(rate)
+                delay = scheduled - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                task = asyncio.get_running_loop().create_task(
+                    one(requests[i % len(requests)], scheduled)
+                )
+                in_flight.add(task)
+                task.add_done_callback(in_flight.discard)
+                i += 1
+            if in_flight:
+                await asyncio.gather(*in_flight)
+        window = min(time.perf_counter(), stop_at) - measure_from
+    ok = len(latencies)
+    return LoadResult(
+        mode="closed" if rate is None else "open",
+        concurrency=concurrency if rate is None else None,
+        target_rate=rate,
+        images_per_request=images_per_request,
+        seconds=round(window, 3),
+        requests=ok,
+        images=ok * images_per_request,
+        requests_per_s=ok / window if window > 0 else 0.0,
+        images_per_s=ok * images_per_request / window if window > 0 else 0.0,
+        latency_ms=_percentiles(latencies),
+        errors=errors,
+    )

@@ -1,0 +1,200 @@
+"""Servers in subprocesses: ours (``python -m service``) and the Triton peer.
+
+Ours binds port 0 and reports its ports in its JSON "listening" log event; we read them
+from stderr. Used by the benchmark report and by the integration tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def peak_rss_mb(pid: int) -> float:
+    """Peak resident set size (VmHWM) of a live process, in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def tree_rss_mb(pid: int) -> float:
+    """Current RSS of a process and all its descendants, in MB."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    total, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
+        todo.extend(children.get(current, []))
+        try:
+            for line in Path(f"/proc/{current}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return total / 1024
+
+
+class ServerProcess:
+    """``python -m service`` on port 0; learns its ports from the JSON 'listening' log."""
+
+    def __init__(self, repository: Path, *args: str, env: dict[str, str] | None = None):
+        self.repository = repository
+        self.events: list[dict[str, object]] = []
+        self._lines = threading.Condition()
+        command = [
+            sys.executable,
+            "-m",
+            "service",
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--model-repository",
+            str(repository),
+            "--log-format",
+            "json",
+            *args,
+        ]
+        self.process = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        threading.Thread(target=self._read, daemon=True).start()
+        listening = self.wait_for_event("listening", timeout=60)
+        self.port = int(listening["grpc_port"])  # type: ignore[call-overload]
+        self.metrics_port = int(listening["metrics_port"])  # type: ignore[call-overload]
+        self.target = f"127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                event = {"msg": line.rstrip()}
+            with self._lines:
+                self.events.append(event)
+                self._lines.notify_all()
+
+    def wait_for_event(self, msg: str, timeout: float = 60) -> dict[str, object]:
+        deadline = time.monotonic() + timeout
+        with self._lines:
+            while True:
+                for event in self.events:
+                    if event.get("msg") == msg:
+                        return event
+                if self.process.poll() is not None:
+                    raise RuntimeError(
+                        f"server exited ({self.process.returncode}): {self.events[-5:]}"
+                    )
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"no {msg!r} event; last: {self.events[-5:]}")
+                self._lines.wait(left)
+
+    def messages(self) -> list[str]:
+        with self._lines:
+            return [str(e.get("msg")) for e in self.events]
+
+    def terminate(self, timeout: float = 30) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class PeerProcess:
+    """The PyTriton peer from ../shared/peers/pytriton, serving one ONNX model."""
+
+    def __init__(self, peer_dir: Path, venv: Path, model: Path, log: Path):
+        self.peer_dir, self.venv = peer_dir, venv
+        self.port = free_port()
+        self.log = log
+        self._log_handle = open(log, "w")  # noqa: SIM115 - lives as long as the process
+        self.process = subprocess.Popen(
+            ["bash", str(peer_dir / "serve.sh"), str(venv), str(model.resolve()), str(self.port)],
+            stdout=self._log_handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def wait_ready(self, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the Triton peer exited; see {self.log}")
+            if "successfully loaded" in self.log.read_text():
+                with socket.socket() as sock:
+                    if sock.connect_ex(("127.0.0.1", self.port)) == 0:
+                        return
+            time.sleep(0.5)
+        raise TimeoutError(f"the Triton peer did not become ready; see {self.log}")
+
+    def load(self, images: Path, concurrency: int, seconds: float, warmup: float) -> dict:  # type: ignore[type-arg]
+        out = subprocess.run(
+            [
+                str(self.venv / "bin" / "python"),
+                str(self.peer_dir / "load.py"),
+                "--port",
+                str(self.port),
+                "--images",
+                str(images),
+                "--concurrency",
+                str(concurrency),
+                "--seconds",
+                str(seconds),
+                "--warmup",
+                str(warmup),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=seconds + warmup + 120,
+        )
+        return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+    def rss_mb(self) -> float:
+        return tree_rss_mb(self.process.pid)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+        self._log_handle.close()

@@ -1,0 +1,118 @@
+"""The benchmark workloads, built offline: real photos as JPEG, and the models to serve.
+
+Photos: scikit-image's chelsea, coffee, astronaut and rocket at their native sizes,
+encoded as JPEG quality 90 — what every contender (our server, the in-process limit, the
+Triton peer) is fed. Models: the demo model from ``models/demo`` and, as a heavier second
+case, a randomly initialised ResNet-50 at 224 px (speed does not depend on the weights).
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from PIL import Image
+
+PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
+SCRATCH = Path("bench/scratch")
+
+
+def photo_bytes() -> dict[str, bytes]:
+    import numpy as np
+    import skimage.data
+
+    out = {}
+    for name in PHOTOS:
+        buffer = io.BytesIO()
+        Image.fromarray(np.asarray(getattr(skimage.data, name)())).convert("RGB").save(
+            buffer, format="JPEG", quality=90
+        )
+        out[name] = buffer.getvalue()
+    return out
+
+
+def photo_folder(root: Path = SCRATCH / "photos") -> Path:
+    """The photos as files (the Triton peer's load script reads a folder)."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name, data in photo_bytes().items():
+        path = root / f"{name}.jpg"
+        if not path.is_file() or path.read_bytes() != data:
+            path.write_bytes(data)
+    return root
+
+
+def load_folder(folder: Path) -> list[bytes]:
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise ValueError(f"no images in {folder}")
+    return [p.read_bytes() for p in files]
+
+
+def latest_model(repository: Path, name: str) -> Path:
+    versions = (
+        sorted(
+            (
+                int(p.name)
+                for p in (repository / name).iterdir()
+                if p.name.isdigit() and (p / "model.onnx").is_file()
+            ),
+            reverse=True,
+        )
+        if (repository / name).is_dir()
+        else []
+    )
+    if not versions:
+        raise FileNotFoundError(
+            f"no {name}/<version>/model.onnx in {repository}; run `make demo-model` first"
+        )
+    return repository / name / str(versions[0]) / "model.onnx"
+
+
+def resnet50_model(repository: Path = SCRATCH / "models", data: Path = Path("data/demo")) -> Path:
+    """A random-init ResNet-50 (224 px, center crop) exported like any model of ours."""
+    target = repository / "resnet50" / "1" / "model.onnx"
+    if target.is_file():
+        return target
+    import torch
+    import torchvision
+
+    from service.model_spec import Task
+    from training.config import TrainConfig
+    from training.export import ExportOptions, export_checkpoint
+    from training.models import build_model
+
+    config = TrainConfig(
+        data=data,
+        backbone="resnet50",
+        pretrained=False,
+        input_size=224,
+        output=SCRATCH / "resnet50-run",
+    )
+    model = build_model("resnet50", 10, (224, 224), with_boxes=False)
+    checkpoint = SCRATCH / "resnet50-random.pt"
+    torch.save(
+        {
+            "format": "imgclf-checkpoint/1",
+            "model": model.state_dict(),
+            "ema": None,
+            "epoch": 0,
+            "config": config.model_dump(mode="json"),
+            "classes": [str(d) for d in range(10)],
+            "task": Task.CLASSIFICATION.value,
+            "input_size": [224, 224],
+            "preprocessing": config.preprocessing(Task.CLASSIFICATION).model_dump(mode="json"),
+            "metrics": {},
+            "versions": {
+                "torch": str(torch.__version__),
+                "torchvision": str(torchvision.__version__),
+            },
+        },
+        checkpoint,
+    )
+    export_checkpoint(
+        checkpoint,
+        ExportOptions(
+            repository=repository, name="resnet50", version=1, data=data, parity_images=8
+        ),
+    )
+    return target

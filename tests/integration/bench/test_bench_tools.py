@@ -1,0 +1,100 @@
+"""Smoke tests of the benchmark tools (the benchmarks themselves are not tests)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.load import check_loopback
+from tests.integration.service.conftest import ServerProcess
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def _val_folder(quick_model: dict[str, Path]) -> Path:
+    return quick_model["data"] / "val" / "3"
+
+
+def test_bench_load_two_seconds_against_a_real_server(quick_model: dict[str, Path]) -> None:
+    server = ServerProcess(quick_model["repository"])
+    try:
+        server.wait_for_event("serving")
+        for extra in (["-c", "4"], ["--rate", "50"]):
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "bench",
+                    "load",
+                    "--target",
+                    server.target,
+                    "--images",
+                    str(_val_folder(quick_model)),
+                    "--seconds",
+                    "2",
+                    "--warmup",
+                    "0.5",
+                    "--images-per-request",
+                    "2",
+                    *extra,
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=120,
+            )
+            result = json.loads(out.stdout)
+            for key in (
+                "mode",
+                "requests",
+                "images",
+                "requests_per_s",
+                "images_per_s",
+                "latency_ms",
+                "errors",
+                "seconds",
+            ):
+                assert key in result, key
+            assert result["requests"] > 0 and result["images"] == 2 * result["requests"]
+            assert result["errors"] == {}
+            assert {"p50", "p90", "p99", "max"} <= set(result["latency_ms"])
+            assert result["latency_ms"]["p50"] <= result["latency_ms"]["p99"]
+            assert "img/s" in out.stderr  # the one-line summary
+    finally:
+        server.kill()
+
+
+def test_bench_limit_reports_throughput_and_latency(quick_model: dict[str, Path]) -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "limit",
+            "--model",
+            str(quick_model["model"]),
+            "--images",
+            str(_val_folder(quick_model)),
+            "--seconds",
+            "0.3",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    result = json.loads(out.stdout)
+    assert result["best_images_per_s"] > 0
+    assert result["best_batch"] in (1, 8, 16, 32)
+    assert result["batch1_latency_ms"]["p50"] > 0
+
+
+def test_only_loopback_targets() -> None:
+    check_loopback("localhost:1")
+    check_loopback("127.0.0.1:50051")
+    with pytest.raises(ValueError, match="only targets this machine"):
+        check_loopback("10.0.0.8:50051")
