@@ -21,7 +21,7 @@ help:  ## list the targets
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[train,dev]'
+	$(PY) -m pip install -q -e '.[train,dev,ray]'
 	touch $@
 
 setup: $(STAMP) proto  ## venv in .venv with the project, training and dev extras; generated protobuf code

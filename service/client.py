@@ -92,12 +92,12 @@ def to_proto_image(image: ImageInput) -> pb.Image:
     raise TypeError(f"unsupported image type {type(image).__name__}")
 
 
-def _predictions(items: Sequence[pb.Prediction]) -> list[Prediction]:
+def predictions_from_proto(items: Sequence[pb.Prediction]) -> list[Prediction]:
     return [Prediction(p.index, p.label, p.score) for p in items]
 
 
 def _classifications(response: pb.ClassifyResponse) -> list[Classification]:
-    return [Classification(_predictions(r.predictions)) for r in response.results]
+    return [Classification(predictions_from_proto(r.predictions)) for r in response.results]
 
 
 def _localizations(response: pb.LocalizeResponse) -> list[Localization]:
@@ -112,7 +112,7 @@ def _localizations(response: pb.LocalizeResponse) -> list[Localization]:
         b = r.box
         out.append(
             Localization(
-                _predictions(r.predictions),
+                predictions_from_proto(r.predictions),
                 Box(b.x_min, b.y_min, b.x_max, b.y_max, b.score),
                 r.box_source,
                 heatmap,

@@ -121,3 +121,21 @@ def test_dockerfile_runs_the_server_and_checks_health_with_the_client(target: st
     assert "/wheels/*.whl" in install and "torch" not in install.replace(
         "'torch' not in sys.modules", ""
     )
+
+
+def test_rayjob_runs_the_scoring_cli_with_the_ray_engine() -> None:
+    docs = list(yaml.safe_load_all((ROOT / "deploy/ray/rayjob.yaml").read_text()))
+    job = next(d for d in docs if d["kind"] == "RayJob")
+    entrypoint = job["spec"]["entrypoint"].split()
+    assert entrypoint[:3] == ["python", "-m", "service.scoring"]
+    assert entrypoint[entrypoint.index("--engine") + 1] == "ray"
+    assert entrypoint[entrypoint.index("--address") + 1] == "auto"
+    from service.scoring.__main__ import build_parser
+
+    args = build_parser().parse_args(entrypoint[3:])  # every flag exists
+    assert args.engine == "ray" and args.task == "localize"
+    claim = next(d for d in docs if d["kind"] == "PersistentVolumeClaim")["metadata"]["name"]
+    workers = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    for group in workers:
+        volumes = group["template"]["spec"]["volumes"]
+        assert volumes[0]["persistentVolumeClaim"]["claimName"] == claim
