@@ -73,10 +73,8 @@ def resnet50_model(repository: Path = SCRATCH / "models", data: Path = Path("dat
     target = repository / "resnet50" / "1" / "model.onnx"
     if target.is_file():
         return target
-    import torch
-    import torchvision
-
     from service.model_spec import Task
+    from training.checkpoint import save_checkpoint
     from training.config import TrainConfig
     from training.export import ExportOptions, export_checkpoint
     from training.models import build_model
@@ -90,9 +88,8 @@ def resnet50_model(repository: Path = SCRATCH / "models", data: Path = Path("dat
     )
     model = build_model("resnet50", 10, (224, 224), with_boxes=False)
     checkpoint = SCRATCH / "resnet50-random.pt"
-    torch.save(
+    save_checkpoint(
         {
-            "format": "imgclf-checkpoint/1",
             "model": model.state_dict(),
             "ema": None,
             "epoch": 0,
@@ -102,10 +99,6 @@ def resnet50_model(repository: Path = SCRATCH / "models", data: Path = Path("dat
             "input_size": [224, 224],
             "preprocessing": config.preprocessing(Task.CLASSIFICATION).model_dump(mode="json"),
             "metrics": {},
-            "versions": {
-                "torch": str(torch.__version__),
-                "torchvision": str(torchvision.__version__),
-            },
         },
         checkpoint,
     )

@@ -90,8 +90,8 @@ class Settings(BaseSettings):
     intra_op_threads: int = Field(
         default=0,
         ge=0,
-        description="ONNX Runtime threads per execution (0: half the "
-        "cores; decoding needs the other half)",
+        description="ONNX Runtime threads per execution (0: auto, timed at load: one "
+        "thread for a light model so the other cores decode, all of them for a heavy one)",
     )
     inter_op_threads: int = Field(default=1, ge=0)
     allow_spinning: bool = Field(
@@ -199,7 +199,7 @@ class Settings(BaseSettings):
         return RunnerOptions(
             providers=tuple(self.providers),
             instances=self.instances,
-            intra_op_threads=self.intra_op_threads or max(1, cpu_count() // 2 // self.instances),
+            intra_op_threads=self.intra_op_threads,
             inter_op_threads=self.inter_op_threads,
             allow_spinning=self.allow_spinning,
             graph_optimization=self.graph_optimization,

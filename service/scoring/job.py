@@ -249,7 +249,12 @@ def run_job(
             size = min(spec.inputs, (shard + 1) * spec.shard_size) - shard * spec.shard_size
             rows: list[Row] = []
             for _ in range(size):
-                row = next(rows_iter)
+                row = next(rows_iter, None)
+                if row is None:
+                    raise JobError(
+                        f"the {type(engine).__name__} returned fewer rows than "
+                        "inputs; the output so far is kept, rerun to resume"
+                    )
                 rows.append(row)
                 errors += row.error is not None
                 bar.update(1)

@@ -152,3 +152,38 @@ def test_cli_rejects_bad_config_clearly(tiny_demo: Path, tmp_path: Path) -> None
     assert out.returncode == 2
     assert "unknown backbone 'resnet19'" in out.stderr and "mobilenet_v3_small" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"class_balance": "sampler", "optimizer": "sgd", "lr": 0.05},
+        {
+            "class_balance": "loss",
+            "tensorboard": True,
+            "epochs": 5,
+            "early_stopping_patience": 1,
+            "lr": 1e-9,
+        },
+        {
+            "resize_mode": "letterbox",
+            "augment": {"rotation": 10, "zoom_out": 0.5, "trivial_augment": True},
+        },
+    ],
+    ids=["sampler-sgd", "loss-tensorboard-early-stop", "letterbox-augment"],
+)
+def test_training_options(tiny_demo: Path, tmp_path: Path, options: dict[str, object]) -> None:
+    cfg = TrainConfig.model_validate(tiny_train_config(tiny_demo, tmp_path / "run", **options))
+    result = train(cfg, progress=False)
+    assert result.best_checkpoint.is_file()
+    if options.get("tensorboard"):
+        assert any((tmp_path / "run" / "tensorboard").iterdir())
+    if options.get("early_stopping_patience"):
+        # Patience 1: the run ends at the first epoch whose loc_acc does not beat the best.
+        best, expected = -1.0, len(result.history)
+        for row in result.history:
+            if row["loc_acc"] <= best:
+                expected = row["epoch"]
+                break
+            best = row["loc_acc"]
+        assert len(result.history) == min(expected, 5)

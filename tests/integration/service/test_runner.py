@@ -1,0 +1,55 @@
+"""The ONNX Runtime runner on a real exported model: providers, instances, checks."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.errors import InferenceError
+from service.runner import CPU, CUDA, TENSORRT, Runner, RunnerOptions, select_providers
+
+pytestmark = pytest.mark.slow
+
+
+def test_unavailable_providers_are_filtered_and_cpu_is_always_last() -> None:
+    assert select_providers([TENSORRT, CUDA])[-1] == CPU
+    assert select_providers(["NoSuchExecutionProvider"]) == [CPU]
+
+
+def test_gpu_preference_falls_back_to_cpu_here(quick_model: dict[str, Path]) -> None:
+    runner = Runner(quick_model["model"], RunnerOptions())  # default: TensorRT, CUDA, CPU
+    assert runner.active_providers[-1] == CPU
+    out = runner.run(np.zeros((2, 64, 64, 3), np.uint8))
+    assert out["probabilities"].shape == (2, 10)
+
+
+def test_instances_run_concurrently_and_agree(quick_model: dict[str, Path]) -> None:
+    runner = Runner(quick_model["model"], RunnerOptions(instances=3))
+    batches = [
+        np.random.default_rng(i).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8) for i in range(12)
+    ]
+    with ThreadPoolExecutor(6) as pool:
+        parallel = list(pool.map(runner.run, batches))
+    for batch, out in zip(batches, parallel, strict=True):
+        np.testing.assert_allclose(
+            out["probabilities"], runner.run(batch)["probabilities"], atol=1e-6
+        )
+
+
+def test_wrong_batches_are_refused_with_the_expected_shape(quick_model: dict[str, Path]) -> None:
+    runner = Runner(quick_model["model"])
+    with pytest.raises(InferenceError, match=r"uint8 \[N, 64, 64, 3\]"):
+        runner.run(np.zeros((1, 32, 32, 3), np.uint8))
+    with pytest.raises(InferenceError):
+        runner.run(np.zeros((1, 64, 64, 3), np.float32))
+
+
+def test_optimized_graph_is_cached(quick_model: dict[str, Path], tmp_path: Path) -> None:
+    runner = Runner(
+        quick_model["model"], RunnerOptions(providers=[CPU], optimized_model_dir=tmp_path)
+    )
+    runner.warmup([1, 4])
+    assert list(tmp_path.glob("*.onnx"))
