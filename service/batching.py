@@ -185,12 +185,15 @@ class DynamicBatcher:
         self._hooks.queued(len(self._queue))
         return batch
 
+    def _stack_and_run(self, images: list[np.ndarray]) -> Outputs:
+        return self._run_batch(np.stack(images))
+
     async def _execute(self, batch: list[Item]) -> None:
         started = time.monotonic()
         try:
-            images = np.stack([item.image for item in batch])
+            # Stacking copies every image: done in the executor, off the event loop.
             outputs = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._run_batch, images
+                self._executor, self._stack_and_run, [item.image for item in batch]
             )
             rows = {len(v) for v in outputs.values()}
             if rows != {len(batch)}:

@@ -122,7 +122,13 @@ class Settings(BaseSettings):
     max_images_per_request: int = Field(default=64, ge=1)
     max_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
     max_image_pixels: int = Field(default=40_000_000, ge=1)
-    jpeg_draft_factor: float = Field(default=2.0, ge=0)
+    jpeg_draft_factor: float = Field(
+        default=2.0,
+        ge=0,
+        description="decode JPEGs at 1/2, 1/4 or 1/8 scale while both sides stay >= this "
+        "many times the resize target (0: always full size; 1 is faster, but drifts from "
+        "training's full-size resize)",
+    )
     preprocess_threads: int = Field(
         default=0,
         ge=0,
