@@ -3,7 +3,8 @@
 python -m bench load --target localhost:50051 --images bench/scratch/photos -c 8 --seconds 10
 python -m bench load --rate 200 --seconds 10            # open loop, Poisson arrivals
 python -m bench limit --model models/demo/1/model.onnx
-python -m bench report [--case demo|resnet50] [--quick]
+python -m bench report [--case demo|resnet50]
+python -m bench scoring --model models/demo --input data/demo
 """
 
 from __future__ import annotations
@@ -41,18 +42,48 @@ def build_parser() -> argparse.ArgumentParser:
     limit.add_argument("--seconds", type=float, default=5.0, help="per batch size")
 
     report = sub.add_parser("report", help="limit vs our server vs the Triton peer")
-    report.add_argument("--case", choices=["demo", "resnet50"], default="demo")
+    report.add_argument(
+        "--case",
+        choices=["demo", "resnet50"],
+        default="demo",
+        help="demo: the newest models/demo; resnet50: random-init ResNet-50 at 224 px",
+    )
     report.add_argument("--repository", type=Path, default=Path("models"))
-    report.add_argument("--concurrency", default="1,4,8,16,32")
+    report.add_argument(
+        "--concurrency", default="1,4,8,16,32", help="closed-loop callers, comma-separated"
+    )
     report.add_argument("--seconds", type=float, default=15.0, help="per measurement")
-    report.add_argument("--peer-venv", type=Path, default=Path("/tmp/pytriton-venv"))
-    report.add_argument("--no-peer", action="store_true")
+    report.add_argument(
+        "--peer-venv",
+        type=Path,
+        default=Path("/tmp/pytriton-venv"),
+        help="the Triton peer's venv (../shared/peers/pytriton/setup.sh); skipped if absent",
+    )
+    report.add_argument("--no-peer", action="store_true", help="leave the Triton peer out")
     report.add_argument(
         "--torch", action="store_true", help="also PyTorch eager on the checkpoint (demo case)"
     )
     report.add_argument("--results", type=Path, default=Path("bench/results"))
     report.add_argument(
-        "--server-flag", action="append", default=[], help="extra flag for our server (repeatable)"
+        "--server-flag",
+        action="append",
+        default=[],
+        help="extra flag for our server and the limit, e.g. --server-flag=--jpeg-draft-factor=1 "
+        "(repeatable)",
+    )
+
+    scoring = sub.add_parser("scoring", help="batch-scoring engines vs the limit")
+    scoring.add_argument("--model", type=Path, default=Path("models/demo"), help="NAME[/VERSION]")
+    scoring.add_argument("--input", default="data/demo", help="folder, glob or manifest")
+    scoring.add_argument("--engines", default="local,grpc,ray", help="comma-separated")
+    scoring.add_argument("--limit-seconds", type=float, default=4.0, help="per batch size")
+    scoring.add_argument("--ray-cpus", type=int, default=2)
+    scoring.add_argument("--results", type=Path, default=Path("bench/results"))
+    scoring.add_argument(
+        "--scratch",
+        type=Path,
+        default=Path("bench/scratch/scoring"),
+        help="where the engines write their output",
     )
     return parser
 
@@ -94,6 +125,24 @@ def main(argv: list[str] | None = None) -> int:
         limit = measure_limit(args.model, _images(args.images), seconds=args.seconds)
         print(json.dumps(limit.as_dict()))
         print(limit.summary(), file=sys.stderr)
+        return 0
+    if args.command == "scoring":
+        from bench.scoring import ENGINES, run_scoring_bench
+
+        engines = tuple(e for e in args.engines.split(",") if e)
+        unknown = set(engines) - set(ENGINES)
+        if unknown:
+            raise SystemExit(f"unknown engines {sorted(unknown)}; choose from {ENGINES}")
+        report = run_scoring_bench(
+            args.model,
+            args.input,
+            engines=engines,
+            limit_seconds=args.limit_seconds,
+            ray_cpus=args.ray_cpus,
+            results=args.results,
+            scratch=args.scratch,
+        )
+        print(json.dumps(report["ratios"]))
         return 0
     from bench.report import run_report
 

@@ -98,3 +98,44 @@ def test_only_loopback_targets() -> None:
     check_loopback("127.0.0.1:50051")
     with pytest.raises(ValueError, match="only targets this machine"):
         check_loopback("10.0.0.8:50051")
+
+
+def test_bench_scoring_compares_engines_with_the_limit(
+    quick_model: dict[str, Path], tmp_path: Path
+) -> None:
+    inputs = _val_folder(quick_model)
+    count = len(list(inputs.glob("*.jpg")))
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "scoring",
+            "--model",
+            str(quick_model["repository"] / "demo"),
+            "--input",
+            str(inputs),
+            "--engines",
+            "local,grpc",
+            "--limit-seconds",
+            "0.2",
+            "--results",
+            str(tmp_path),
+            "--scratch",
+            str(tmp_path / "scratch"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=240,
+    )
+    ratios = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(ratios) == {"local / limit", "grpc / local"}
+    (report_file,) = tmp_path.glob("*-scoring-demo.json")
+    report = json.loads(report_file.read_text())
+    assert [r["engine"] for r in report["runs"]] == ["local", "grpc", "local"]
+    for run in report["runs"]:
+        assert run["scored"] == count and run["errors"] == 0
+        assert run["images_per_s"] > 0
+    assert report["limit"]["best_images_per_s"] > 0
+    assert (tmp_path / report_file.name.replace(".json", ".md")).read_text().startswith("# ")
