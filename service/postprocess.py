@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from service.model_spec import ModelSpec
 from service.preprocess import Geometry
 from service.results import Box, Heatmap, Prediction
 
@@ -67,6 +68,19 @@ def cam_box(
     rows, cols = ndimage.find_objects((labelled == largest).astype(np.int32))[0]
     box = (float(cols.start), float(rows.start), float(cols.stop), float(rows.stop))
     return Box(*geometry.to_original(box), score=score)
+
+
+def locate(
+    outputs: dict[str, np.ndarray], geometry: Geometry, spec: ModelSpec, score: float
+) -> tuple[Box, str]:
+    """One image's box and where it came from: the box head if the model has one, else
+    its top-1 CAM. Shared by the server and the scoring engines, so they agree."""
+    h, w = spec.input.height, spec.input.width
+    if spec.outputs.boxes is not None:
+        box = regression_box(outputs[spec.outputs.boxes], geometry, h, w, score)
+        return box, BOX_SOURCE_REGRESSION
+    cam = outputs[str(spec.outputs.cam)][0]
+    return cam_box(cam, geometry, h, w, spec.cam_threshold, score), BOX_SOURCE_CAM
 
 
 def heatmap(

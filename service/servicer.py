@@ -38,14 +38,7 @@ from service.errors import (
 )
 from service.metrics import Metrics
 from service.model_spec import ModelSpec
-from service.postprocess import (
-    BOX_SOURCE_CAM,
-    BOX_SOURCE_REGRESSION,
-    cam_box,
-    heatmap,
-    regression_box,
-    top_k,
-)
+from service.postprocess import heatmap, locate, top_k
 from service.preprocess import Geometry, ImageLimits, preprocess_encoded, preprocess_raw
 from service.proto_gen.classifier.v1 import classifier_pb2 as pb
 from service.proto_gen.classifier.v1 import classifier_pb2_grpc as pb_grpc
@@ -307,15 +300,7 @@ class ImageClassifierServicer(pb_grpc.ImageClassifierServicer):
         out = []
         for row, geometry in zip(rows, geometries, strict=True):
             predictions = top_k(row[spec.outputs.probabilities], k, spec.labels)
-            score = predictions[0].score
-            if spec.outputs.boxes is not None:
-                box = regression_box(row[spec.outputs.boxes], geometry, h, w, score)
-                source = BOX_SOURCE_REGRESSION
-            else:
-                box = cam_box(
-                    row[str(spec.outputs.cam)][0], geometry, h, w, spec.cam_threshold, score
-                )
-                source = BOX_SOURCE_CAM
+            box, source = locate(row, geometry, spec, predictions[0].score)
             item = pb.Localization(
                 predictions=_predictions(predictions), box=_box(box), box_source=source
             )

@@ -15,13 +15,7 @@ import numpy as np
 from service.config import Settings, load_settings
 from service.model_spec import ModelSpec
 from service.pipeline import run_pipeline
-from service.postprocess import (
-    BOX_SOURCE_CAM,
-    BOX_SOURCE_REGRESSION,
-    cam_box,
-    regression_box,
-    top_k,
-)
+from service.postprocess import locate, top_k
 from service.preprocess import Geometry
 from service.runner import Runner
 from service.scoring.rows import Row
@@ -45,14 +39,7 @@ def score_outputs(
     predictions = top_k(outputs[spec.outputs.probabilities], k, spec.labels)
     if task != "localize":
         return Row.from_predictions(path, predictions, model, version)
-    h, w = spec.input.height, spec.input.width
-    score = predictions[0].score
-    if spec.outputs.boxes is not None:
-        box = regression_box(outputs[spec.outputs.boxes], geometry, h, w, score)
-        source = BOX_SOURCE_REGRESSION
-    else:
-        box = cam_box(outputs[str(spec.outputs.cam)][0], geometry, h, w, spec.cam_threshold, score)
-        source = BOX_SOURCE_CAM
+    box, source = locate(outputs, geometry, spec, predictions[0].score)
     return Row.from_predictions(path, predictions, model, version, box, source)
 
 

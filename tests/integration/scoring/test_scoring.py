@@ -154,31 +154,9 @@ def test_local_grpc_and_ray_engines_agree(
 def test_formats_round_trip(
     quick_model: dict[str, Path], inputs: Path, tmp_path: Path, name: str
 ) -> None:
-    reference = tmp_path / "reference"
-    score(
-        "--model",
-        str(quick_model["repository"] / "demo"),
-        "--input",
-        str(inputs),
-        "--output",
-        str(reference),
-        "--task",
-        "localize",
-    )
-    out = tmp_path / name
-    score(
-        "--model",
-        str(quick_model["repository"] / "demo"),
-        "--input",
-        str(inputs),
-        "--output",
-        str(out),
-        "--task",
-        "localize",
-        "--shard-size",
-        "25",
-    )
-    expected, got = read_rows(reference), read_rows(out)
+    model = str(quick_model["repository"] / "demo")
+    expected = _engine_rows([], model, inputs, tmp_path / "reference")
+    got = _engine_rows(["--shard-size", "25"], model, inputs, tmp_path / name)
     assert len(got) == len(expected) == 61
     for a, b in zip(expected, got, strict=True):
         assert a["path"] == b["path"] and a["labels"] == b["labels"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -141,16 +142,7 @@ def test_int8_gate_refuses_then_accepts(checkpoints: dict[str, Path], tmp_path: 
     with pytest.raises(ExportError, match="--accept-drop"):
         export_checkpoint(ckpt, strict)
     assert _repository_state(tmp_path) == ["q"]
-    accepted = ExportOptions(
-        repository=tmp_path,
-        name="q",
-        precision=Precision.INT8,
-        calibration_images=32,
-        per_channel="on",
-        max_int8_drop=-1.0,
-        accept_drop=True,
-    )
-    result = export_checkpoint(ckpt, accepted)
+    result = export_checkpoint(ckpt, replace(strict, accept_drop=True))
     assert result.spec.precision is Precision.INT8
     for key in ("int8_top1", "int8_top1_drop", "int8_cpu_speedup_b8_t2"):
         assert key in result.spec.metrics
