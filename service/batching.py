@@ -1,15 +1,19 @@
 """Dynamic batching per model version (asyncio; knows nothing of gRPC or ONNX Runtime).
 
-Each image is one item. Requests submit their images together (all or none: a full queue
-refuses the whole request at once) and await one future per image, so a request's answers
-come back in its own order whatever batches its images land in.
+Each image is one item. A request is admitted before its images are decoded
+(``admit(count)`` reserves room for all of them, or refuses the whole request at once with
+QueueFullError, so a full server spends nothing on decoding what it cannot queue), then
+submits its decoded images together and awaits one future per image, so its answers come
+back in its own order whatever batches its images land in.
 
 The collector forms a batch when it reaches ``max_batch_size``, when it reaches one of the
 ``preferred_batch_sizes`` and nothing else is waiting, or when the oldest item has waited
 ``max_queue_delay_us``. Before compute it drops items whose caller has gone (cancelled) or
-whose deadline has passed. Up to ``concurrency`` batches run at once, in a thread pool
-(ONNX Runtime releases the GIL). A failing batch fails exactly its own items, and a batch
-whose outputs do not have one row per input fails as a whole rather than mis-assign rows.
+whose deadline has passed (counted as ``deadline`` whether the caller's own deadline
+cancelled it first or the collector found it expired). Up to ``concurrency`` batches run
+at once, in a thread pool (ONNX Runtime releases the GIL). A failing batch fails exactly
+its own items, and a batch whose outputs do not have one row per input fails as a whole
+rather than mis-assign rows.
 """
 
 from __future__ import annotations
@@ -55,6 +59,39 @@ class BatcherHooks:
     def batch_done(self, size: int, seconds: float, waits: Sequence[float]) -> None: ...
 
 
+class Admission:
+    """Room reserved in a batcher's queue for one request's images.
+
+    Use as a context manager: whatever was reserved and not submitted is given back on
+    exit, whether the request failed while decoding or succeeded.
+    """
+
+    def __init__(self, batcher: DynamicBatcher, count: int):
+        self._batcher = batcher
+        self._count = count
+
+    def submit(
+        self, images: Sequence[np.ndarray], deadline: float | None = None
+    ) -> list[asyncio.Future[dict[str, np.ndarray]]]:
+        if len(images) > self._count:
+            raise ValueError(f"admitted {self._count} images, submitting {len(images)}")
+        self._batcher._reserved -= len(images)
+        self._count -= len(images)
+        return self._batcher._enqueue(images, deadline)
+
+    def release(self) -> None:
+        if self._count:
+            self._batcher._reserved -= self._count
+            self._count = 0
+            self._batcher._hooks.queued(self._batcher.pending)
+
+    def __enter__(self) -> Admission:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
 @dataclass
 class Item:
     image: np.ndarray
@@ -83,10 +120,12 @@ class DynamicBatcher:
         self._running: set[asyncio.Task[None]] = set()
         self._collector: asyncio.Task[None] | None = None
         self._closed = False
+        self._reserved = 0  # admitted images still being decoded
 
     @property
     def pending(self) -> int:
-        return len(self._queue)
+        """Images admitted and not yet taken into a batch (decoding or queued)."""
+        return len(self._queue) + self._reserved
 
     def start(self) -> None:
         if self._collector is None:
@@ -94,25 +133,39 @@ class DynamicBatcher:
                 self._collect(), name=f"batcher-{self.name}"
             )
 
-    def submit(
-        self, images: Sequence[np.ndarray], deadline: float | None = None
-    ) -> list[asyncio.Future[dict[str, np.ndarray]]]:
-        """Queue a request's images; their futures resolve to one output row each."""
+    def admit(self, count: int) -> Admission:
+        """Reserve room for ``count`` images, or refuse the request (QueueFullError)."""
         if self._closed:
             raise UnavailableError(f"model {self.name} is shutting down")
         limit = self.config.max_queue_size
-        if len(self._queue) + len(images) > limit:
+        pending = self.pending
+        if pending + count > limit:
             raise QueueFullError(
-                f"the queue of model {self.name} is full: {len(self._queue)} images pending, "
-                f"this request adds {len(images)}, the limit is {limit}; retry later"
+                f"the queue of model {self.name} is full: {pending} images pending, "
+                f"this request adds {count}, the limit is {limit} (max_queue_size); "
+                "retry later"
             )
+        self._reserved += count
+        self._hooks.queued(self.pending)
+        return Admission(self, count)
+
+    def submit(
+        self, images: Sequence[np.ndarray], deadline: float | None = None
+    ) -> list[asyncio.Future[dict[str, np.ndarray]]]:
+        """Admit and queue a request's images; their futures resolve to one row each."""
+        with self.admit(len(images)) as admission:
+            return admission.submit(images, deadline)
+
+    def _enqueue(
+        self, images: Sequence[np.ndarray], deadline: float | None
+    ) -> list[asyncio.Future[dict[str, np.ndarray]]]:
         loop = asyncio.get_running_loop()
         futures = []
         for image in images:
             item = Item(image, loop.create_future(), deadline)
             self._queue.append(item)
             futures.append(item.future)
-        self._hooks.queued(len(self._queue))
+        self._hooks.queued(self.pending)
         self._wakeup.set()
         return futures
 
@@ -166,9 +219,13 @@ class DynamicBatcher:
         cancelled = expired = 0
         while self._queue and len(batch) < limit:
             item = self._queue.popleft()
-            if item.future.done():  # the caller gave up (cancelled RPC)
-                cancelled += 1
-            elif item.deadline is not None and item.deadline <= now:
+            expired_now = item.deadline is not None and item.deadline <= now
+            if item.future.done():  # the caller is gone: its deadline, or a cancel
+                if expired_now:
+                    expired += 1
+                else:
+                    cancelled += 1
+            elif expired_now:
                 expired += 1
                 item.future.set_exception(
                     DeadlineExceededError(
@@ -182,7 +239,7 @@ class DynamicBatcher:
             self._hooks.dropped("cancelled", cancelled)
         if expired:
             self._hooks.dropped("deadline", expired)
-        self._hooks.queued(len(self._queue))
+        self._hooks.queued(self.pending)
         return batch
 
     def _stack_and_run(self, images: list[np.ndarray]) -> Outputs:

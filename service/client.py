@@ -8,12 +8,16 @@
 ``AsyncClassifierClient`` is the same API for asyncio. Images may be file paths, encoded
 bytes, PIL images or HxWx3 uint8 arrays (the last two travel as raw RGB, no re-encoding).
 UNAVAILABLE (server starting, draining, or a model loading) is retried with exponential
-backoff by gRPC's own retry policy; every call has a deadline.
+backoff by gRPC's own retry policy; every call has a deadline. TLS: ``root_certificates``
+(a CA file) or ``tls=True`` (the system roots); mTLS adds ``certificate_chain`` and
+``private_key``. ``error_reason(exc)`` tells a full queue ("retry later") from a bad
+image within RESOURCE_EXHAUSTED; ``request_id(exc)`` is the id the server logged.
 
     python -m service.client classify IMG... [--model demo] [--top-k 5]
     python -m service.client localize IMG --draw out.png [--heatmap]
     python -m service.client models
     python -m service.client health            # exit 0 only when SERVING
+    python -m service.client --ca ca.pem --cert me.pem --key me.key --token-file t health
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
+from service.errors import REASON_KEY, REQUEST_ID_KEY
 from service.proto_gen.classifier.v1 import classifier_pb2 as pb
 from service.proto_gen.classifier.v1 import classifier_pb2_grpc as pb_grpc
 from service.results import Box, Classification, Heatmap, Localization, Prediction
@@ -121,20 +126,77 @@ def _localizations(response: pb.LocalizeResponse) -> list[Localization]:
     return out
 
 
-def _credentials(tls: bool, root_certificates: Path | None) -> grpc.ChannelCredentials | None:
-    if not tls and root_certificates is None:
+# Reasons that mean "not now": back off and send the same request again.
+RETRYABLE_REASONS = frozenset({"queue_full", "server_busy"})
+
+
+def _trailer(exc: grpc.RpcError, key: str) -> str | None:
+    trailing = getattr(exc, "trailing_metadata", None)
+    for k, v in (trailing() if callable(trailing) else None) or ():
+        if k == key:
+            return str(v)
+    return None
+
+
+def error_reason(exc: grpc.RpcError) -> str | None:
+    """The server's reason for an error: "queue_full", "server_busy", "limit",
+    "invalid_image", "not_found", ... (None from servers that do not send one)."""
+    return _trailer(exc, REASON_KEY)
+
+
+def request_id(exc: grpc.RpcError) -> str | None:
+    """The request id the server gave the failed call (in its access log and message)."""
+    return _trailer(exc, REQUEST_ID_KEY)
+
+
+def is_retryable(exc: grpc.RpcError) -> bool:
+    """True for "retry later" answers (a full queue, a busy server), not for bad requests."""
+    return error_reason(exc) in RETRYABLE_REASONS
+
+
+def channel_credentials(
+    tls: bool = False,
+    root_certificates: Path | None = None,
+    certificate_chain: Path | None = None,
+    private_key: Path | None = None,
+) -> grpc.ChannelCredentials | None:
+    """TLS credentials from PEM files (None: plaintext). A client certificate and key
+    (mTLS) go together."""
+    if (certificate_chain is None) != (private_key is None):
+        raise ValueError("a client certificate and its key go together (mTLS)")
+    if not tls and root_certificates is None and certificate_chain is None:
         return None
-    roots = root_certificates.read_bytes() if root_certificates else None
-    return grpc.ssl_channel_credentials(root_certificates=roots)
+    return grpc.ssl_channel_credentials(
+        root_certificates=root_certificates.read_bytes() if root_certificates else None,
+        certificate_chain=certificate_chain.read_bytes() if certificate_chain else None,
+        private_key=private_key.read_bytes() if private_key else None,
+    )
+
+
+def read_token_file(path: Path) -> str:
+    """The first token in a token file (the server's format: one per line, # comments)."""
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            return line.strip()
+    raise ValueError(f"no token in {path}")
 
 
 class _Base:
-    def __init__(self, target: str, timeout: float, token: str | None):
+    def __init__(
+        self,
+        target: str,
+        timeout: float,
+        token: str | None,
+        server_name: str | None,
+    ):
         self.target = target
         self.timeout = timeout
         self.metadata: list[tuple[str, str]] = []
         if token:
             self.metadata.append(("authorization", f"Bearer {token}"))
+        self.options = channel_options()
+        if server_name:  # a certificate issued for another name than the target's host
+            self.options.append(("grpc.ssl_target_name_override", server_name))
 
     def _classify_request(
         self, images: Sequence[ImageInput], model: str, version: str, top_k: int
@@ -171,14 +233,16 @@ class ClassifierClient(_Base):
         token: str | None = None,
         tls: bool = False,
         root_certificates: Path | None = None,
+        certificate_chain: Path | None = None,
+        private_key: Path | None = None,
+        server_name: str | None = None,
     ):
-        super().__init__(target, timeout, token)
-        credentials = _credentials(tls, root_certificates)
-        options = channel_options()
+        super().__init__(target, timeout, token, server_name)
+        credentials = channel_credentials(tls, root_certificates, certificate_chain, private_key)
         self.channel = (
-            grpc.secure_channel(target, credentials, options)
+            grpc.secure_channel(target, credentials, self.options)
             if credentials
-            else grpc.insecure_channel(target, options)
+            else grpc.insecure_channel(target, self.options)
         )
         self.stub = pb_grpc.ImageClassifierStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
@@ -257,14 +321,16 @@ class AsyncClassifierClient(_Base):
         token: str | None = None,
         tls: bool = False,
         root_certificates: Path | None = None,
+        certificate_chain: Path | None = None,
+        private_key: Path | None = None,
+        server_name: str | None = None,
     ):
-        super().__init__(target, timeout, token)
-        credentials = _credentials(tls, root_certificates)
-        options = channel_options()
+        super().__init__(target, timeout, token, server_name)
+        credentials = channel_credentials(tls, root_certificates, certificate_chain, private_key)
         self.channel = (
-            grpc.aio.secure_channel(target, credentials, options)
+            grpc.aio.secure_channel(target, credentials, self.options)
             if credentials
-            else grpc.aio.insecure_channel(target, options)
+            else grpc.aio.insecure_channel(target, self.options)
         )
         self.stub = pb_grpc.ImageClassifierStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
@@ -384,10 +450,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--token",
         default=os.environ.get("CLASSIFIER_TOKEN"),
-        help="bearer token (env CLASSIFIER_TOKEN)",
+        help="bearer token (env CLASSIFIER_TOKEN; a flag is visible in ps, prefer the env "
+        "or --token-file)",
+    )
+    parser.add_argument(
+        "--token-file",
+        type=Path,
+        default=os.environ.get("CLASSIFIER_TOKEN_FILE"),
+        help="read the bearer token from this file (env CLASSIFIER_TOKEN_FILE)",
     )
     parser.add_argument("--tls", action="store_true", help="use TLS with the system roots")
-    parser.add_argument("--ca", type=Path, help="PEM root certificates for TLS")
+    parser.add_argument("--ca", type=Path, help="PEM root certificates for TLS (implies TLS)")
+    parser.add_argument("--cert", type=Path, help="PEM client certificate (mTLS)")
+    parser.add_argument("--key", type=Path, help="PEM private key of --cert")
+    parser.add_argument(
+        "--server-name", help="the name the server certificate is for, if not the target's"
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("classify", "localize"):
@@ -414,12 +492,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        token = read_token_file(Path(args.token_file)) if args.token_file else args.token
         with ClassifierClient(
             args.target,
             timeout=args.timeout,
-            token=args.token,
+            token=token,
             tls=args.tls,
             root_certificates=args.ca,
+            certificate_chain=args.cert,
+            private_key=args.key,
+            server_name=args.server_name,
         ) as client:
             return _run(client, args)
     except grpc.RpcError as exc:

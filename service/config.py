@@ -61,11 +61,60 @@ class Settings(BaseSettings):
         default=64 * 1024 * 1024, gt=0, description="largest gRPC request accepted"
     )
     max_send_message_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
-    auth_token: SecretStr | None = Field(
-        default=None, description="if set, calls need 'authorization: Bearer <token>'"
-    )
     grace_seconds: float = Field(
-        default=10.0, ge=0, description="on SIGTERM, how long in-flight calls may finish"
+        default=10.0,
+        ge=0,
+        description="on SIGTERM, after the drain, how long in-flight calls may finish",
+    )
+    drain_seconds: float = Field(
+        default=5.0,
+        ge=0,
+        description="on SIGTERM, how long health answers NOT_SERVING while calls are still "
+        "served, so load balancers stop routing here before the port closes",
+    )
+
+    # --- transport security -------------------------------------------------------------
+    tls_cert: Path | None = Field(
+        default=None, description="PEM certificate chain: serve TLS (re-read when it changes)"
+    )
+    tls_key: Path | None = Field(default=None, description="PEM private key of tls_cert")
+    tls_client_ca: Path | None = Field(
+        default=None, description="PEM CA bundle: require client certificates it signed (mTLS)"
+    )
+    auth_token: SecretStr | None = Field(
+        default=None,
+        description="if set, calls need 'authorization: Bearer <token>' (visible in ps as a "
+        "flag: prefer the env variable or auth_token_file)",
+    )
+    auth_token_file: Path | None = Field(
+        default=None,
+        description="file of accepted tokens, one per line (several at once for rotation; "
+        "re-read when it changes)",
+    )
+
+    # --- connections --------------------------------------------------------------------
+    max_connection_age_seconds: float = Field(
+        default=300.0,
+        ge=0,
+        description="close each client connection after this long (GOAWAY; clients "
+        "reconnect and re-resolve, so new replicas get traffic; 0: never)",
+    )
+    max_connection_age_grace_seconds: float = Field(
+        default=30.0, ge=0, description="time for a closing connection's calls to finish"
+    )
+    keepalive_time_seconds: float = Field(
+        default=60.0, gt=0, description="ping idle connections this often to find dead peers"
+    )
+    keepalive_timeout_seconds: float = Field(
+        default=20.0, gt=0, description="a ping unanswered this long closes the connection"
+    )
+    min_client_ping_interval_seconds: float = Field(
+        default=10.0,
+        ge=0,
+        description="clients may send keepalive pings this often (more often: GOAWAY)",
+    )
+    max_concurrent_streams: int = Field(
+        default=0, ge=0, description="concurrent calls per connection (0: gRPC's default)"
     )
 
     # --- models ---------------------------------------------------------------------
@@ -79,6 +128,12 @@ class Settings(BaseSettings):
     )
     repository_poll_seconds: float = Field(
         default=0.0, ge=0, description="rescan the repository this often (0: never)"
+    )
+    repository_settle_seconds: float = Field(
+        default=1.0,
+        ge=0,
+        description="a model file modified this recently is watched until it stops changing "
+        "before it is loaded (a copy still in progress is never loaded)",
     )
 
     # --- ONNX Runtime ---------------------------------------------------------------
@@ -116,12 +171,34 @@ class Settings(BaseSettings):
         "while every execution slot is busy, so 0 still batches under load)",
     )
     preferred_batch_sizes: list[int] = Field(default_factory=list)
-    max_queue_size: int = Field(default=1024, ge=1, description="pending images per model")
+    max_queue_size: int = Field(
+        default=1024,
+        ge=1,
+        description="images per model version being decoded or waiting for a batch; "
+        "requests beyond it are refused before they are decoded",
+    )
 
     # --- requests and images ----------------------------------------------------------
     max_images_per_request: int = Field(default=64, ge=1)
     max_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
     max_image_pixels: int = Field(default=40_000_000, ge=1)
+    max_image_aspect_ratio: float = Field(
+        default=20.0,
+        ge=1,
+        description="longer side / shorter side; thinner images cannot be resized sensibly",
+    )
+    max_decode_pixels: int = Field(
+        default=80_000_000,
+        ge=1,
+        description="pixels being decoded at once across all calls (about 4 bytes each "
+        "while decoding); a call waits for room, within its deadline",
+    )
+    max_inflight_bytes: int = Field(
+        default=512 * 1024 * 1024,
+        ge=1,
+        description="image bytes of the calls being served at once; beyond it calls are "
+        "refused with RESOURCE_EXHAUSTED (retry later)",
+    )
     jpeg_draft_factor: float = Field(
         default=2.0,
         ge=0,
@@ -141,6 +218,11 @@ class Settings(BaseSettings):
     # --- logging ----------------------------------------------------------------------
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "json"
+    access_log: bool = Field(
+        default=True,
+        description="one INFO line per call: method, model, version, images, code, ms, "
+        "request id, peer",
+    )
 
     @field_validator("preferred_batch_sizes")
     @classmethod
@@ -170,6 +252,32 @@ class Settings(BaseSettings):
                 f"max_image_bytes ({self.max_image_bytes}) exceeds "
                 f"max_receive_message_bytes ({self.max_receive_message_bytes})"
             )
+        if self.max_queue_size < self.max_images_per_request:
+            # Otherwise a request of max_images_per_request images could never be admitted
+            # and would be told "retry later" forever.
+            raise ValueError(
+                f"max_queue_size ({self.max_queue_size}) is smaller than "
+                f"max_images_per_request ({self.max_images_per_request})"
+            )
+        if self.max_decode_pixels < self.max_image_pixels:
+            raise ValueError(
+                f"max_decode_pixels ({self.max_decode_pixels:,}) is smaller than "
+                f"max_image_pixels ({self.max_image_pixels:,}): the largest allowed image "
+                "could never be decoded"
+            )
+        if self.max_inflight_bytes < self.max_image_bytes:
+            raise ValueError(
+                f"max_inflight_bytes ({self.max_inflight_bytes:,}) is smaller than "
+                f"max_image_bytes ({self.max_image_bytes:,})"
+            )
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: give both or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca (mTLS) needs tls_cert and tls_key")
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{name} {path} is not a readable file")
         return self
 
     @classmethod
@@ -198,6 +306,7 @@ class Settings(BaseSettings):
         return ImageLimits(
             max_bytes=self.max_image_bytes,
             max_pixels=self.max_image_pixels,
+            max_aspect_ratio=self.max_image_aspect_ratio,
             jpeg_draft_factor=self.jpeg_draft_factor,
         )
 

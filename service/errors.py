@@ -6,7 +6,8 @@
     ├── NotFoundError                 unknown model or version
     ├── ResourceExhaustedError
     │   ├── LimitExceededError        too many images, bytes or pixels (message names the limit)
-    │   └── QueueFullError            the model's batch queue is full
+    │   ├── QueueFullError            the model's batch queue is full (retry later)
+    │   └── ServerBusyError           too many image bytes in flight server-wide (retry later)
     ├── DeadlineExceededError         the call's deadline passed before its images were computed
     ├── UnavailableError              model not ready, or the server is shutting down
     ├── UnauthenticatedError          missing or wrong credentials
@@ -14,14 +15,24 @@
 
 Domain code raises these; it never touches gRPC. ``service.servicer`` is the one place
 that turns them into status codes, so the mapping lives in a single table there.
-Each message says what was wrong and, for limits, what the limit is.
+Each message says what was wrong and, for limits, what the limit is. ``retryable`` marks
+the errors that say "not now" rather than "not this request": clients back off and retry
+those, and report the others.
 """
 
 from __future__ import annotations
 
+# Trailing-metadata keys of every answer (wire contract): the call's request id, and for
+# errors a reason that tells apart what one status code lumps together
+# ("queue_full" and "server_busy" are retryable; "limit" and "invalid_image" are not).
+REQUEST_ID_KEY = "x-request-id"
+REASON_KEY = "classifier-error-reason"
+
 
 class ServiceError(Exception):
     """Base of every error the service reports to a caller."""
+
+    retryable = False
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -57,7 +68,11 @@ class LimitExceededError(ResourceExhaustedError):
 
 
 class QueueFullError(ResourceExhaustedError):
-    pass
+    retryable = True
+
+
+class ServerBusyError(ResourceExhaustedError):
+    retryable = True
 
 
 class DeadlineExceededError(ServiceError):
@@ -65,7 +80,7 @@ class DeadlineExceededError(ServiceError):
 
 
 class UnavailableError(ServiceError):
-    pass
+    retryable = True
 
 
 class UnauthenticatedError(ServiceError):

@@ -2,10 +2,17 @@
 
 Each server owns a ``Metrics`` with its own registry, so several servers can live in one
 process (the tests do this) and ``/metrics`` shows exactly one server's numbers.
+
+Label values are bounded: only the names and versions of served models ever become
+``model``/``version`` values (a request naming anything else is counted under
+``model="_unknown"``), and ``forget_version``/``forget_model`` remove the series of what
+is unloaded. A client can therefore never grow the number of series.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from typing import Any
 from wsgiref.simple_server import WSGIServer
 
@@ -15,6 +22,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 # under overload at seconds.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# The model label of calls that name no served model (unknown names, failed auth).
+UNKNOWN_MODEL = "_unknown"
 
 
 class Metrics:
@@ -65,7 +74,7 @@ class Metrics:
         )
         self.pending_images = Gauge(
             "classifier_pending_images",
-            "images queued for a batch",
+            "images admitted and not yet batched (decoding or queued)",
             ["model", "version"],
             registry=r,
         )
@@ -94,17 +103,57 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        # Metrics labelled (model, version, ...), in that order.
+        self._by_version = {
+            self.requests,
+            self.images,
+            self.inference_duration,
+            self.batch_size,
+            self.pending_images,
+            self.dropped_images,
+            self.model_ready,
+        }
         self._http: WSGIServer | None = None
-        self._children: dict[tuple[object, ...], Any] = {}
+        # (metric, label values) → child. Every labelled series goes through ``child``,
+        # so this is also the list of series that forget_* removes.
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
 
     def child(self, metric: Any, *label_values: str) -> Any:
         """``metric.labels(*label_values)``, cached: label lookup is a measurable part of
-        a small request's cost, and the label sets are few."""
-        key = (id(metric), *label_values)
+        a small request's cost, and the label sets are few. Label values are positional,
+        in the order the metric declares them (``model`` first, then ``version``)."""
+        key = (metric, label_values)
         found = self._children.get(key)
         if found is None:
             found = self._children[key] = metric.labels(*label_values)
         return found
+
+    def model_known(self, model: str) -> None:
+        """Create a model's load-failure series at 0, so ``increase()`` sees its first."""
+        self.child(self.model_load_failures, model)
+
+    def forget_version(self, model: str, version: str) -> None:
+        """Remove every series of one model version (it was unloaded)."""
+        self._forget(
+            lambda metric, labels: (
+                metric in self._by_version and labels[0] == model and labels[1] == version
+            )
+        )
+
+    def forget_model(self, model: str) -> None:
+        """Remove every series of a model that has left the repository."""
+        self._forget(lambda metric, labels: labels[0] == model)
+
+    def _forget(self, matches: Callable[[Any, tuple[str, ...]], bool]) -> None:
+        for key in list(self._children):
+            metric, labels = key
+            if matches(metric, labels):
+                del self._children[key]
+                with contextlib.suppress(KeyError):  # never observed, so never created
+                    metric.remove(*labels)
+
+    def series_count(self) -> int:
+        return sum(len(family.samples) for family in self.registry.collect())
 
     def serve(self, host: str, port: int) -> int:
         """Start /metrics on its own HTTP port (a daemon thread); returns the bound port."""

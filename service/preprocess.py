@@ -14,12 +14,19 @@ from __future__ import annotations
 import io
 import warnings
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from service.errors import InvalidImageError, LimitExceededError
+from service.decode_budget import DecodeBudget
+from service.errors import (
+    InvalidImageError,
+    LimitExceededError,
+    ResourceExhaustedError,
+    ServiceError,
+)
 from service.model_spec import Interpolation, ModelSpec, Preprocessing, ResizeMode
 
 # Pillow opens MPO (multi-picture JPEG from cameras) through its JPEG plugin.
@@ -39,16 +46,31 @@ _TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
 # bomb check would otherwise fire first with a less helpful message, so it is disabled
 # and ours is the one in force.
 Image.MAX_IMAGE_PIXELS = None
+# Corrupt EXIF or ICC data makes Pillow warn; that is not the caller's error, and
+# ``warnings.catch_warnings`` per image would not be thread-safe, so they are ignored once.
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+
+# Deflate cannot compress better than 1032:1, so a PNG shorter than its raw pixel bytes
+# over this cannot hold the pixels its header declares: it is truncated or a bomb.
+_DEFLATE_MAX_RATIO = 1032
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # by IHDR colour type
 
 
 @dataclass(frozen=True)
 class ImageLimits:
     max_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 40_000_000
+    # Longer side over shorter side. A 1x40000 image cannot be centre-cropped or
+    # letterboxed sensibly, and its resize plan would be enormous.
+    max_aspect_ratio: float = 20.0
     # JPEG draft mode lets libjpeg decode at 1/2, 1/4 or 1/8 scale. It is used only when
     # the reduced image is still at least this many times the resize target on each side,
     # so the final antialiased resize still has real pixels to work from. 0 disables it.
     jpeg_draft_factor: float = 2.0
+
+
+# What training and evaluation use: no limits a real dataset could hit.
+UNLIMITED = ImageLimits(max_bytes=1 << 40, max_pixels=1 << 40, max_aspect_ratio=float("inf"))
 
 
 @dataclass(frozen=True)
@@ -131,10 +153,108 @@ def to_rgb(image: Image.Image) -> Image.Image:
         mode == "P" and "transparency" in image.info
     )
     if has_alpha:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        with image.convert("RGBA") as rgba:
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            with Image.alpha_composite(background, rgba) as composed:
+                background.close()
+                return composed.convert("RGB")
     return image.convert("RGB")
+
+
+def _where(index: int | None) -> str:
+    return "" if index is None else f"image {index}: "
+
+
+def check_shape(width: int, height: int, limits: ImageLimits, index: int | None = None) -> None:
+    """The limits a declared size must meet before anything is decoded or allocated."""
+    if width <= 0 or height <= 0:
+        raise InvalidImageError(f"image has no pixels ({width}x{height})", index=index)
+    if width * height > limits.max_pixels:
+        raise LimitExceededError(
+            f"pixel count ({width}x{height})", width * height, limits.max_pixels, index=index
+        )
+    aspect = max(width, height) / min(width, height)
+    if aspect > limits.max_aspect_ratio:
+        raise InvalidImageError(
+            f"aspect ratio ({width}x{height}) is {aspect:,.0f}:1, over the limit of "
+            f"{limits.max_aspect_ratio:g}:1 (max_image_aspect_ratio): too thin to resize "
+            "sensibly",
+            index=index,
+        )
+
+
+def _check_png_payload(data: bytes, width: int, height: int, index: int | None) -> None:
+    if len(data) < 26:
+        return  # Pillow would not have opened it; nothing to check
+    bit_depth, colour_type = data[24], data[25]
+    channels = _PNG_CHANNELS.get(colour_type)
+    if channels is None:
+        return
+    raw_bytes = height * (1 + (width * channels * bit_depth + 7) // 8)
+    if len(data) * _DEFLATE_MAX_RATIO < raw_bytes:
+        raise InvalidImageError(
+            f"PNG declares {width}x{height} pixels ({raw_bytes:,} bytes of image data), "
+            f"which {len(data):,} bytes cannot hold: truncated or a decompression bomb",
+            index=index,
+        )
+
+
+def _open_header(data: bytes, limits: ImageLimits, index: int | None) -> Image.Image:
+    """Parse the header only (no pixels yet) and check the byte and shape limits."""
+    if not data:
+        raise InvalidImageError("empty image bytes", index=index)
+    if len(data) > limits.max_bytes:
+        raise LimitExceededError("encoded size in bytes", len(data), limits.max_bytes, index=index)
+    # Errors are raised after the except block, never inside it: an exception raised
+    # there would keep the original (and every frame and buffer it references) alive
+    # as its __context__, even with ``from None``.
+    failure = None
+    try:
+        image = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
+    except UnidentifiedImageError:
+        failure = "not a decodable image (supported formats: JPEG, PNG, WebP, BMP, GIF, TIFF)"
+    except Exception as exc:  # Pillow raises many types for malformed headers
+        failure = f"cannot read image header: {exc}"
+    if failure is not None:
+        raise InvalidImageError(failure, index=index)
+    try:
+        width, height = image.size
+        check_shape(width, height, limits, index)
+        if image.format == "PNG":
+            _check_png_payload(data, width, height, index)
+    except BaseException:
+        image.close()
+        raise
+    return image
+
+
+def _orientation(image: Image.Image) -> int:
+    try:
+        return int(image.getexif().get(_EXIF_ORIENTATION_TAG, 1))
+    except Exception:  # corrupt EXIF: show the image as stored
+        return 1
+
+
+def _decode_upright_rgb(image: Image.Image, orientation: int, index: int | None) -> Image.Image:
+    """Decode the pixels of an opened image to upright RGB; closes what it replaces."""
+    fmt = image.format
+    failure: ServiceError | None = None
+    try:
+        image.load()  # the first frame of animated GIF/WebP and multi-page TIFF
+        current = image
+        if orientation != 1:
+            current = ImageOps.exif_transpose(image)
+        rgb = to_rgb(current)
+        if current is not image and current is not rgb:
+            current.close()
+        return rgb
+    except MemoryError:
+        failure = ResourceExhaustedError(
+            f"{_where(index)}not enough memory to decode the image; retry later"
+        )
+    except Exception as exc:
+        failure = InvalidImageError(f"cannot decode {fmt} image: {exc}", index=index)
+    raise failure
 
 
 def open_image(
@@ -143,49 +263,34 @@ def open_image(
     draft_target: Callable[[int, int], tuple[int, int]] | None = None,
     index: int | None = None,
 ) -> Image.Image:
-    """Decode encoded bytes to an upright RGB image, enforcing the byte and pixel limits.
+    """Decode encoded bytes to an upright RGB image, enforcing the byte and shape limits.
 
     ``draft_target`` maps the (width, height) from the header to the size the image will be
     resized to; JPEGs much larger than that are decoded at a reduced scale.
     """
-    if not data:
-        raise InvalidImageError("empty image bytes", index=index)
-    if len(data) > limits.max_bytes:
-        raise LimitExceededError("encoded size in bytes", len(data), limits.max_bytes, index=index)
+    image = _open_header(data, limits, index)
     try:
-        image = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
-    except UnidentifiedImageError:
-        raise InvalidImageError(
-            "not a decodable image (supported formats: JPEG, PNG, WebP, BMP, GIF, TIFF)",
-            index=index,
-        ) from None
-    except Exception as exc:  # Pillow raises many types for malformed headers
-        raise InvalidImageError(f"cannot read image header: {exc}", index=index) from None
-    width, height = image.size
-    if width <= 0 or height <= 0:
-        raise InvalidImageError(f"image has no pixels ({width}x{height})", index=index)
-    if width * height > limits.max_pixels:
-        raise LimitExceededError(
-            f"pixel count ({width}x{height})", width * height, limits.max_pixels, index=index
-        )
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # EXIF/metadata warnings are not the caller's error
-            orientation = image.getexif().get(_EXIF_ORIENTATION_TAG, 1)
-            if draft_target is not None and image.format in ("JPEG", "MPO"):
-                target = draft_target(width, height)
-                _apply_draft(image, target, orientation, limits.jpeg_draft_factor)
-            if getattr(image, "n_frames", 1) > 1:
-                image.seek(0)  # animated GIF/WebP, multi-page TIFF: the first frame
-            image.load()
-            upright: Image.Image = image
-            if orientation != 1:
-                upright = ImageOps.exif_transpose(image)
-            return to_rgb(upright)
-    except (InvalidImageError, LimitExceededError):
+        orientation = _prepare_decode(image, limits, draft_target)
+        rgb = _decode_upright_rgb(image, orientation, index)
+    except BaseException:
+        image.close()
         raise
-    except Exception as exc:
-        raise InvalidImageError(f"cannot decode {image.format} image: {exc}", index=index) from None
+    if rgb is not image:
+        image.close()
+    return rgb
+
+
+def _prepare_decode(
+    image: Image.Image,
+    limits: ImageLimits,
+    draft_target: Callable[[int, int], tuple[int, int]] | None,
+) -> int:
+    """EXIF orientation, and the JPEG draft scale (which shrinks ``image.size``)."""
+    orientation = _orientation(image)
+    if draft_target is not None and image.format in ("JPEG", "MPO"):
+        target = draft_target(*image.size)
+        _apply_draft(image, target, orientation, limits.jpeg_draft_factor)
+    return orientation
 
 
 def _apply_draft(
@@ -239,28 +344,63 @@ def resize_to_input(
     return out, geometry
 
 
+def _reserved(
+    budget: DecodeBudget | None, pixels: int, deadline: float | None, index: int | None
+) -> AbstractContextManager[None]:
+    return nullcontext() if budget is None else budget.reserve(pixels, deadline, index)
+
+
+def _resize_checked(
+    image: Image.Image, spec: ModelSpec, out: np.ndarray | None, index: int | None
+) -> tuple[np.ndarray, Geometry]:
+    """``resize_to_input``, with its failures reported as this image's errors."""
+    failure: ServiceError | None = None
+    try:
+        return resize_to_input(image, spec.preprocessing, spec.input.height, spec.input.width, out)
+    except MemoryError:
+        failure = ResourceExhaustedError(
+            f"{_where(index)}not enough memory to resize the image; retry later"
+        )
+    except Exception as exc:
+        failure = InvalidImageError(f"cannot resize image: {exc}", index=index)
+    raise failure
+
+
 def preprocess_encoded(
     data: bytes,
     spec: ModelSpec,
     limits: ImageLimits,
     out: np.ndarray | None = None,
     index: int | None = None,
+    budget: DecodeBudget | None = None,
+    deadline: float | None = None,
 ) -> tuple[np.ndarray, Geometry]:
-    """Encoded image bytes → (uint8 HxWx3 model input, geometry back to the original)."""
-    image = open_image(data, limits, resize_target_for(spec), index=index)
-    return resize_to_input(image, spec.preprocessing, spec.input.height, spec.input.width, out)
+    """Encoded image bytes → (uint8 HxWx3 model input, geometry back to the original).
+
+    With a ``budget``, the decoded pixels are reserved in it (waiting until ``deadline``,
+    a ``time.monotonic()`` instant) from before decoding until the resize is done. Every
+    Pillow image made on the way is closed before this returns or raises, so a failed
+    image's pixels never outlive the call.
+    """
+    image = _open_header(data, limits, index)
+    try:
+        orientation = _prepare_decode(image, limits, resize_target_for(spec))
+        width, height = image.size
+        with _reserved(budget, width * height, deadline, index):
+            rgb = _decode_upright_rgb(image, orientation, index)
+            try:
+                return _resize_checked(rgb, spec, out, index)
+            finally:
+                rgb.close()
+    finally:
+        image.close()
 
 
 def raw_to_image(
     height: int, width: int, rgb: bytes, limits: ImageLimits, index: int | None = None
 ) -> Image.Image:
     """A RawImage (H×W×3 uint8, row-major) → RGB image, after checking its declared shape."""
-    if height <= 0 or width <= 0:
-        raise InvalidImageError(f"raw image has no pixels ({width}x{height})", index=index)
-    if height * width > limits.max_pixels:
-        raise LimitExceededError(
-            f"pixel count ({width}x{height})", height * width, limits.max_pixels, index=index
-        )
+    check_shape(width, height, limits, index)
     expected = height * width * 3
     if len(rgb) != expected:
         raise InvalidImageError(
@@ -280,9 +420,15 @@ def preprocess_raw(
     limits: ImageLimits,
     out: np.ndarray | None = None,
     index: int | None = None,
+    budget: DecodeBudget | None = None,
+    deadline: float | None = None,
 ) -> tuple[np.ndarray, Geometry]:
-    image = raw_to_image(height, width, rgb, limits, index=index)
-    return resize_to_input(image, spec.preprocessing, spec.input.height, spec.input.width, out)
+    with _reserved(budget, max(0, height) * max(0, width), deadline, index):
+        image = raw_to_image(height, width, rgb, limits, index=index)
+        try:
+            return _resize_checked(image, spec, out, index)
+        finally:
+            image.close()
 
 
 def load_rgb(path: str, limits: ImageLimits | None = None) -> Image.Image:
@@ -290,4 +436,4 @@ def load_rgb(path: str, limits: ImageLimits | None = None) -> Image.Image:
     beyond the limits given). Training and evaluation use this so they see what serving sees."""
     with open(path, "rb") as handle:
         data = handle.read()
-    return open_image(data, limits or ImageLimits(max_bytes=1 << 40, max_pixels=1 << 40))
+    return open_image(data, limits or UNLIMITED)

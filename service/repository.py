@@ -1,21 +1,36 @@
-"""The model repository: ``<root>/<name>/<version>/model.onnx`` → ready model versions.
+"""The model repository: ``<root>/<name>/<version>/model.onnx`` → ready versions, swapped
+without downtime.
 
-Discovery picks versions by policy (latest | all | specific) for all models found or a
-configured list. Each version is loaded in a worker thread (ONNX Runtime session, graph
-checked against its ModelSpec, warm-up at the batch sizes the batcher will use) and only
-then gets a batcher and turns READY. A version that fails to load is FAILED — logged,
-counted, visible in ListModels — and never stops the others. With polling on, new
-versions are loaded and vanished ones drained and unloaded while the server runs.
+The rules every path here keeps (DESIGN.md, "Model lifecycle"):
+
+* A version is loaded in a worker thread (ONNX Runtime session, graph checked against its
+  ModelSpec, warm-up at every batch size the batcher can form) and only then gets a
+  batcher and becomes READY. Nothing it replaces is touched before that.
+* A replaced version is *retired*: it leaves the lookup at once, so calls that name no
+  version move to its replacement at one instant, and it is unloaded only when every call
+  that leased it has been answered.
+* A version that fails to load (corrupt file, bad ModelSpec, ORT error, warm-up failure)
+  never displaces a working one. The failure is recorded with the file's fingerprint
+  (size, mtime, inode), shown in ListModels/GetModel, counted and logged once, and the
+  load is retried only when the fingerprint changes.
+* Publishing is "write ``<name>/.<anything>/model.onnx``, then rename the folder to
+  ``<name>/<version>``": dot-folders are never read, and a file modified within
+  ``repository_settle_seconds`` is watched until it stops changing before it is loaded.
+
+Policies: ``latest`` serves the newest version that loads (a newer one that fails leaves
+the older one serving), ``all`` every version, ``specific`` the configured ones.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
@@ -29,63 +44,105 @@ from service.runner import Runner
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
+# A file still changing after this long is left for the next rescan.
+SETTLE_GIVE_UP_SECONDS = 30.0
 
 
 class VersionState(StrEnum):
     LOADING = "loading"
     READY = "ready"
     FAILED = "failed"
+    UNLOADING = "unloading"
 
 
-@dataclass
+@dataclass(frozen=True)
+class Fingerprint:
+    """What identifies one state of a model file; any change means "load it again"."""
+
+    size: int
+    mtime_ns: int
+    inode: int
+
+    @classmethod
+    def of(cls, path: Path) -> Fingerprint | None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return cls(st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+@dataclass(eq=False)
 class ModelVersion:
     name: str
     version: int
     path: Path
+    fingerprint: Fingerprint | None = None
     state: VersionState = VersionState.LOADING
     runner: Runner | None = None
     batcher: DynamicBatcher | None = None
     error: str | None = None
+    # For a READY version whose file changed and no longer loads: that file's fingerprint,
+    # so it is not retried until it changes again.
+    error_fingerprint: Fingerprint | None = None
+    active: int = 0  # calls holding a lease on this version
+    _idle: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
     @property
     def spec(self) -> ModelSpec:
         assert self.runner is not None, "only loaded versions have a spec"
         return self.runner.spec
 
+    async def drained(self) -> None:
+        """Return once no call holds a lease on this version."""
+        while self.active:
+            self._idle.clear()
+            await self._idle.wait()
+
 
 class _MetricHooks(BatcherHooks):
     def __init__(self, metrics: Metrics, name: str, version: str):
-        self.metrics, self.labels = metrics, {"model": name, "version": version}
+        self.metrics, self.name, self.version = metrics, name, version
 
     def queued(self, pending: int) -> None:
-        self.metrics.pending_images.labels(**self.labels).set(pending)
+        self.metrics.child(self.metrics.pending_images, self.name, self.version).set(pending)
 
     def dropped(self, reason: str, count: int) -> None:
-        self.metrics.dropped_images.labels(**self.labels, reason=reason).inc(count)
+        self.metrics.child(self.metrics.dropped_images, self.name, self.version, reason).inc(count)
 
     def batch_done(self, size: int, seconds: float, waits: Sequence[float]) -> None:
-        self.metrics.batch_size.labels(**self.labels).observe(size)
-        self.metrics.inference_duration.labels(**self.labels).observe(seconds)
+        m = self.metrics
+        m.child(m.batch_size, self.name, self.version).observe(size)
+        m.child(m.inference_duration, self.name, self.version).observe(seconds)
         for wait in waits:
-            self.metrics.queue_duration.observe(wait)
+            m.queue_duration.observe(wait)
 
 
-def discover(root: Path) -> dict[str, list[int]]:
-    """Model name → sorted versions that have a model file."""
-    found: dict[str, list[int]] = {}
+def scan(root: Path) -> dict[str, dict[int, Path]]:
+    """Model name → {version: model file} for every published version under ``root``.
+
+    Dot-folders (a publish in progress, editor droppings) and folders whose name is not a
+    number are skipped.
+    """
+    found: dict[str, dict[int, Path]] = {}
     if not root.is_dir():
         return found
     for model_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         if model_dir.name.startswith("."):
             continue
-        versions = sorted(
-            int(v.name)
+        versions = {
+            int(v.name): v / MODEL_FILE
             for v in model_dir.iterdir()
             if v.is_dir() and v.name.isdigit() and (v / MODEL_FILE).is_file()
-        )
+        }
         if versions:
-            found[model_dir.name] = versions
+            found[model_dir.name] = dict(sorted(versions.items()))
     return found
+
+
+def discover(root: Path) -> dict[str, list[int]]:
+    """Model name → sorted versions that have a model file."""
+    return {name: list(versions) for name, versions in scan(root).items()}
 
 
 class ModelRepository:
@@ -94,66 +151,155 @@ class ModelRepository:
         self.metrics = metrics
         self.executor = executor
         self.root = Path(settings.model_repository)
-        self._versions: dict[str, dict[int, ModelVersion]] = {}
+        self._versions: dict[str, dict[int, ModelVersion]] = {}  # READY: what calls see
+        self._loading: dict[tuple[str, int], ModelVersion] = {}
+        self._failures: dict[tuple[str, int], ModelVersion] = {}  # FAILED, no READY twin
+        self._retiring: set[ModelVersion] = set()
+        self._unloads: set[asyncio.Task[None]] = set()
         self._missing: dict[str, str] = {}  # configured but absent → why
+        self._known: set[str] = set()  # model names with series in the metrics
+        self._lock = asyncio.Lock()
         self._poller: asyncio.Task[None] | None = None
         self.on_change: Callable[[], Awaitable[None]] | None = None  # after each rescan
 
-    # --- selection ----------------------------------------------------------------------
-
-    def wanted(self, found: dict[str, list[int]]) -> list[tuple[str, int]]:
-        s = self.settings
-        names = s.models or sorted(found)
-        selected: list[tuple[str, int]] = []
-        self._missing = {}
-        for name in names:
-            versions = found.get(name, [])
-            if not versions:
-                self._missing[name] = f"no {name}/<version>/{MODEL_FILE} in {self.root}"
-                continue
-            if s.version_policy == "latest":
-                chosen = versions[-1:]
-            elif s.version_policy == "all":
-                chosen = versions
-            else:
-                asked = s.versions.get(name, [])
-                chosen = [v for v in asked if v in versions]
-                absent = sorted(set(asked) - set(versions))
-                if absent:
-                    self._missing[name] = f"versions {absent} not in {self.root / name}"
-            selected.extend((name, v) for v in chosen)
-        return selected
-
-    # --- loading ------------------------------------------------------------------------
+    # --- reconciling the repository with what is served ------------------------------
 
     async def load(self) -> None:
-        """Load what the policy selects and is not loaded yet; unload what it dropped."""
-        wanted = self.wanted(discover(self.root))
-        for name, reason in self._missing.items():
-            log.error("model %s cannot be served: %s", name, reason)
-            self.metrics.model_load_failures.labels(model=name).inc()
-        wanted_set = set(wanted)
-        for name, versions in list(self._versions.items()):
-            for version in list(versions):
-                if (name, version) not in wanted_set:
-                    await self._unload(name, version)
-        for name, version in wanted:
-            if version not in self._versions.get(name, {}):
-                await self._load(name, version)
+        """Bring what is served in line with the repository and the policy (one rescan)."""
+        async with self._lock:
+            on_disk = scan(self.root)
+            names = self.settings.models or sorted(on_disk)
+            missing: dict[str, str] = {}
+            for name in names:
+                if name not in self._known:
+                    self._known.add(name)
+                    self.metrics.model_known(name)
+                versions = on_disk.get(name, {})
+                if not versions:
+                    missing[name] = f"no {name}/<version>/{MODEL_FILE} in {self.root}"
+                await self._reconcile(name, versions, missing)
+            for name in list(self._versions):
+                if name not in names:  # the whole model left the repository
+                    for entry in list(self._versions[name].values()):
+                        self._retire(entry)
+            for key in list(self._failures):
+                name, version = key
+                if version not in on_disk.get(name, {}):
+                    del self._failures[key]
+                    self.metrics.forget_version(name, str(version))
+            for name in self._known - set(names):
+                if name not in self._versions and not self._retiring_names({name}):
+                    self._known.discard(name)
+                    self.metrics.forget_model(name)
+            for name, reason in missing.items():
+                if self._missing.get(name) != reason:
+                    log.error("model %s cannot be served: %s", name, reason)
+            self._missing = missing
 
-    async def _load(self, name: str, version: int) -> None:
-        entry = ModelVersion(name, version, self.root / name / str(version) / MODEL_FILE)
-        self._versions.setdefault(name, {})[version] = entry
+    async def _reconcile(
+        self, name: str, on_disk: dict[int, Path], missing: dict[str, str]
+    ) -> None:
+        policy = self.settings.version_policy
+        if policy == "latest":
+            selected: set[int] = set()
+            for version in sorted(on_disk, reverse=True):
+                if await self._ensure(name, version, on_disk[version]):
+                    selected = {version}
+                    break
+        else:
+            if policy == "all":
+                candidates = sorted(on_disk)
+            else:
+                asked = self.settings.versions.get(name, [])
+                candidates = [v for v in asked if v in on_disk]
+                absent = sorted(set(asked) - set(on_disk))
+                if absent:
+                    missing[name] = f"versions {absent} not in {self.root / name}"
+            selected = set(candidates)
+            for version in candidates:
+                await self._ensure(name, version, on_disk[version])
+        served = self._versions.get(name, {})
+        replacement_ready = any(v in served for v in selected)
+        for version, entry in list(served.items()):
+            if version in selected:
+                continue
+            # Retire only what something ready replaces (or what left the disk with its
+            # whole model): a failed newer version never takes the old one down.
+            if replacement_ready or not on_disk:
+                self._retire(entry)
+            elif version not in on_disk:
+                log.warning(
+                    "model %s version %d left the repository but stays served: no other "
+                    "version of the model is ready",
+                    name,
+                    version,
+                )
+
+    async def _ensure(self, name: str, version: int, path: Path) -> bool:
+        """Load ``name/version`` if it is new or its file changed; True when it is READY."""
+        current = self._versions.get(name, {}).get(version)
+        fingerprint = Fingerprint.of(path)
+        if fingerprint is None:  # vanished since the scan
+            return current is not None
+        if current is not None and current.fingerprint == fingerprint:
+            return True
+        failed = self._failures.get((name, version))
+        if current is not None and current.error_fingerprint == fingerprint:
+            return True  # a changed file that already failed; the old one keeps serving
+        if failed is not None and failed.fingerprint == fingerprint:
+            return False  # known bad; retried when the file changes
+        settled = await self._settled(path, fingerprint)
+        if settled is None:
+            return current is not None
+        loaded = await self._load(name, version, path, settled)
+        if loaded is None:
+            return current is not None
+        if current is not None:
+            log.info("model %s version %d: its file changed; reloaded", name, version)
+            self._retire(current)
+        self._versions.setdefault(name, {})[version] = loaded
+        self.metrics.child(self.metrics.model_ready, name, str(version)).set(1)
+        return True
+
+    async def _settled(self, path: Path, fingerprint: Fingerprint) -> Fingerprint | None:
+        """The fingerprint once the file has stopped changing (None: still changing)."""
+        settle = self.settings.repository_settle_seconds
+        give_up = time.monotonic() + SETTLE_GIVE_UP_SECONDS
+        while True:
+            age = time.time() - fingerprint.mtime_ns / 1e9
+            if age >= settle:
+                return fingerprint
+            await asyncio.sleep(settle - age)
+            again = Fingerprint.of(path)
+            if again == fingerprint:
+                return fingerprint
+            if again is None or time.monotonic() > give_up:
+                log.warning("%s is still being written; not loaded yet", path)
+                return None
+            fingerprint = again
+
+    async def _load(
+        self, name: str, version: int, path: Path, fingerprint: Fingerprint
+    ) -> ModelVersion | None:
+        key = (name, version)
+        entry = ModelVersion(name, version, path, fingerprint)
+        self._loading[key] = entry
+        if name not in self._versions or version not in self._versions[name]:
+            self.metrics.child(self.metrics.model_ready, name, str(version)).set(0)
         started = time.monotonic()
         try:
-            entry.runner = await asyncio.to_thread(self._open, entry.path)
+            runner = await asyncio.to_thread(self._open, path)
         except Exception as exc:
-            entry.state, entry.error = VersionState.FAILED, str(exc)
-            self.metrics.model_load_failures.labels(model=name).inc()
-            log.error("model %s version %d failed to load: %s", name, version, exc)
-            return
+            self._record_failure(entry, str(exc))
+            return None
+        finally:
+            del self._loading[key]
+        if Fingerprint.of(path) != fingerprint:
+            # Replaced while it loaded: what was loaded may be neither file. Next rescan.
+            log.info("%s changed while it loaded; it is loaded again on the next rescan", path)
+            return None
         s = self.settings
-        max_batch = min(s.max_batch_size, entry.runner.max_batch_size or s.max_batch_size)
+        max_batch = min(s.max_batch_size, runner.max_batch_size or s.max_batch_size)
         config = BatcherConfig(
             max_batch_size=max_batch,
             max_queue_delay_us=s.max_queue_delay_us,
@@ -161,26 +307,50 @@ class ModelRepository:
             max_queue_size=s.max_queue_size,
             concurrency=s.instances,
         )
+        entry.runner = runner
         entry.batcher = DynamicBatcher(
             f"{name}/{version}",
-            entry.runner.run,
+            runner.run,
             config,
             self.executor,
             _MetricHooks(self.metrics, name, str(version)),
         )
         entry.batcher.start()
         entry.state = VersionState.READY
+        self._failures.pop(key, None)
         seconds = time.monotonic() - started
-        self.metrics.model_load_duration.labels(model=name).observe(seconds)
-        self.metrics.model_ready.labels(model=name, version=str(version)).set(1)
+        self.metrics.child(self.metrics.model_load_duration, name).observe(seconds)
         log.info(
             "model %s version %d ready in %.2f s (providers %s, max batch %d)",
             name,
             version,
             seconds,
-            entry.runner.active_providers,
+            runner.active_providers,
             max_batch,
         )
+        return entry
+
+    def _record_failure(self, entry: ModelVersion, error: str) -> None:
+        name, version = entry.name, entry.version
+        self.metrics.child(self.metrics.model_load_failures, name).inc()
+        current = self._versions.get(name, {}).get(version)
+        if current is not None:
+            # The file of a ready version changed and the new one does not load: keep
+            # serving the old one, and say so.
+            current.error = f"its file changed and the new file failed to load: {error}"
+            current.error_fingerprint = entry.fingerprint
+            log.error(
+                "model %s version %d: the changed file failed to load (still serving the "
+                "previous one): %s",
+                name,
+                version,
+                error,
+            )
+            return
+        entry.state, entry.error = VersionState.FAILED, error
+        self._failures[(name, version)] = entry
+        self.metrics.child(self.metrics.model_ready, name, str(version)).set(0)
+        log.error("model %s version %d failed to load: %s", name, version, error)
 
     def _open(self, path: Path) -> Runner:
         runner = Runner(path, self.settings.runner_options())
@@ -191,14 +361,36 @@ class ModelRepository:
         log.info("warmed up %s at batch sizes %s", path, sizes)
         return runner
 
-    async def _unload(self, name: str, version: int) -> None:
-        entry = self._versions[name].pop(version)
-        if not self._versions[name]:
-            del self._versions[name]
-        self.metrics.model_ready.labels(model=name, version=str(version)).set(0)
+    # --- retiring --------------------------------------------------------------------
+
+    def _retire(self, entry: ModelVersion) -> None:
+        """Take a version out of the lookup now; unload it once its calls are answered."""
+        served = self._versions.get(entry.name, {})
+        if served.get(entry.version) is entry:
+            del served[entry.version]
+            if not served:
+                del self._versions[entry.name]
+        entry.state = VersionState.UNLOADING
+        self._retiring.add(entry)
+        task = asyncio.get_running_loop().create_task(self._unload_when_drained(entry))
+        self._unloads.add(task)
+        task.add_done_callback(self._unloads.discard)
+
+    async def _unload_when_drained(self, entry: ModelVersion) -> None:
+        await entry.drained()
         if entry.batcher is not None:
-            await entry.batcher.close()  # answers what was queued before it goes
-        log.info("model %s version %d unloaded", name, version)
+            await entry.batcher.close()  # nothing is queued by now; this stops it
+        entry.batcher, entry.runner = None, None  # the ORT sessions go with the last ref
+        self._retiring.discard(entry)
+        key = (entry.name, entry.version)
+        if entry.version not in self._versions.get(entry.name, {}) and key not in self._loading:
+            self.metrics.forget_version(entry.name, str(entry.version))
+        log.info("model %s version %d unloaded", entry.name, entry.version)
+
+    def _retiring_names(self, names: set[str]) -> bool:
+        return any(e.name in names for e in self._retiring)
+
+    # --- polling ---------------------------------------------------------------------
 
     def start_polling(self) -> None:
         interval = self.settings.repository_poll_seconds
@@ -216,54 +408,88 @@ class ModelRepository:
                 log.exception("repository rescan failed")
 
     async def close(self) -> None:
+        """Stop polling, retire everything, and wait until it is all unloaded."""
         if self._poller is not None:
             self._poller.cancel()
-        for name, versions in list(self._versions.items()):
-            for version in list(versions):
-                await self._unload(name, version)
+        for versions in list(self._versions.values()):
+            for entry in list(versions.values()):
+                self._retire(entry)
+        if self._unloads:
+            await asyncio.gather(*self._unloads, return_exceptions=True)
 
-    # --- lookup -------------------------------------------------------------------------
+    # --- lookup ----------------------------------------------------------------------
 
     def all_versions(self) -> list[ModelVersion]:
-        return [v for versions in self._versions.values() for v in versions.values()]
+        """Every version the server knows of: ready, loading, failed and unloading."""
+        out: dict[tuple[str, int], ModelVersion] = {}
+        for versions in self._versions.values():
+            for entry in versions.values():
+                out[(entry.name, entry.version)] = entry
+        for group in (self._loading.values(), self._failures.values(), self._retiring):
+            for entry in group:
+                out.setdefault((entry.name, entry.version), entry)
+        return [out[key] for key in sorted(out)]
 
     def ready_versions(self) -> list[ModelVersion]:
-        return [v for v in self.all_versions() if v.state is VersionState.READY]
+        return [e for versions in self._versions.values() for e in versions.values()]
+
+    def serving(self) -> bool:
+        """Health: every configured model has a ready version (with none configured: at
+        least one model does, so one broken model among many does not fail the pod)."""
+        if self.settings.models:
+            return all(self._versions.get(name) for name in self.settings.models)
+        return bool(self._versions)
+
+    def is_served(self, name: str) -> bool:
+        """Whether ``name`` is a model of this repository (so it may label metrics)."""
+        return name in self._known
 
     def resolve(self, name: str, version: str) -> ModelVersion:
         """The version a request names (empty: newest ready); NOT_FOUND or UNAVAILABLE."""
         if not name:
-            ready_names = sorted({v.name for v in self.ready_versions()})
-            if len(ready_names) != 1:
+            if len(self._versions) != 1:
                 raise InvalidArgumentError(
                     "model is required when the server has several models; it has: "
-                    + (", ".join(sorted(self._versions)) or "none")
+                    + (", ".join(sorted(self._known)) or "none")
                 )
-            name = ready_names[0]
-        versions = self._versions.get(name)
-        if not versions:
+            (name,) = self._versions
+        served = self._versions.get(name)
+        if version and not version.isdigit():
+            raise InvalidArgumentError(f"version must be a number, got {version!r}")
+        if not served:
+            others = {e.version: e.state.value for e in self.all_versions() if e.name == name}
+            if others or name in self._known:
+                raise UnavailableError(f"model {name!r} has no ready version (versions: {others})")
             raise NotFoundError(
                 f"unknown model {name!r}; this server has: "
-                + (", ".join(sorted(self._versions)) or "no models")
+                + (", ".join(sorted(self._known)) or "no models")
             )
         if not version:
-            ready = [v for v in versions.values() if v.state is VersionState.READY]
-            if ready:
-                return max(ready, key=lambda v: v.version)
-            states = {v.version: v.state.value for v in versions.values()}
-            raise UnavailableError(f"model {name!r} has no ready version (versions: {states})")
-        if not version.isdigit():
-            raise InvalidArgumentError(f"version must be a number, got {version!r}")
-        entry = versions.get(int(version))
-        if entry is None:
-            raise NotFoundError(
-                f"model {name!r} has no version {version}; loaded versions: "
-                + ", ".join(str(v) for v in sorted(versions))
-            )
-        if entry.state is VersionState.LOADING:
+            return served[max(served)]
+        entry = served.get(int(version))
+        if entry is not None:
+            return entry
+        key = (name, int(version))
+        if key in self._loading:
             raise UnavailableError(f"model {name!r} version {version} is still loading")
-        if entry.state is VersionState.FAILED:
+        if key in self._failures:
             raise UnavailableError(
-                f"model {name!r} version {version} failed to load: {entry.error}"
+                f"model {name!r} version {version} failed to load: {self._failures[key].error}"
             )
-        return entry
+        raise NotFoundError(
+            f"model {name!r} has no version {version}; served versions: "
+            + ", ".join(str(v) for v in sorted(served))
+        )
+
+    @contextmanager
+    def lease(self, name: str, version: str) -> Iterator[ModelVersion]:
+        """Resolve a version and hold it for the ``with`` block: it is not unloaded until
+        every lease on it is released, even if it is retired meanwhile."""
+        entry = self.resolve(name, version)
+        entry.active += 1
+        try:
+            yield entry
+        finally:
+            entry.active -= 1
+            if not entry.active:
+                entry._idle.set()

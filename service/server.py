@@ -3,19 +3,28 @@
     server, port = await create_server(settings)   # bound, not started
     await server.start()                           # health NOT_SERVING until models are warm
     await server.wait_until_ready()
-    await server.stop(grace)                       # NOT_SERVING, drain in-flight, unload
+    await server.stop()                            # drain, then refuse, then unload
 
-Health entries: "" (the server) and "classifier.v1.ImageClassifier" turn SERVING once a
-model version is loaded and warm; "liveness" is SERVING as long as the process runs.
+Health entries: "" (the server) and "classifier.v1.ImageClassifier" are SERVING while
+every configured model (with none configured: at least one model) has a ready version;
+swaps never interrupt that. "liveness" is SERVING as long as the process runs.
 
-``serve(settings)`` runs that until SIGTERM or SIGINT and returns normally (exit code 0):
-health turns NOT_SERVING first (load balancers stop routing), new calls are refused, and
-in-flight calls get ``grace_seconds`` to finish.
+``serve(settings)`` runs that until SIGTERM or SIGINT and returns normally (exit code 0).
+Shutdown is in two steps, so load balancers learn of it before anything fails: for
+``drain_seconds`` health answers NOT_SERVING while calls are still served (readiness
+probes and health-checking balancers move traffic away); then the port refuses new calls
+and in-flight ones get ``grace_seconds``. A second signal skips the rest of the drain.
+
+The port speaks TLS when ``tls_cert``/``tls_key`` are set (mTLS with ``tls_client_ca``),
+re-reading them when they change; with tokens configured every RPC but health needs one.
+Connections are closed after ``max_connection_age_seconds`` (clients reconnect and
+re-resolve, so replicas added by an autoscaler get traffic from long-lived clients).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from concurrent.futures import ThreadPoolExecutor
@@ -24,17 +33,22 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from service.auth import AuthInterceptor, TokenStore
 from service.config import Settings
+from service.memory import FreedMemory
 from service.metrics import Metrics
 from service.proto_gen.classifier.v1 import classifier_pb2 as pb
 from service.proto_gen.classifier.v1 import classifier_pb2_grpc as pb_grpc
 from service.repository import ModelRepository
 from service.servicer import ImageClassifierServicer
+from service.tls import ServerCertificates
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ImageClassifier"].full_name
 LIVENESS = "liveness"
+# How often memory freed since the last look is given back to the OS (service.memory).
+MEMORY_TICK_SECONDS = 5.0
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -51,6 +65,7 @@ class ClassifierServer:
         repository: ModelRepository,
         health_servicer: health.aio.HealthServicer,
         pools: list[ThreadPoolExecutor],
+        freed: FreedMemory | None = None,
     ):
         self.settings = settings
         self.grpc_server = grpc_server
@@ -60,8 +75,12 @@ class ClassifierServer:
         self.health = health_servicer
         self.metrics_port: int | None = None
         self._pools = pools
+        self._freed = freed or FreedMemory()
+        self._trimmer: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
+        self._serving: bool | None = None
         self._loader: asyncio.Task[None] | None = None
+        self._skip_drain = asyncio.Event()
         self.shutting_down = False
 
     async def _set_health(self, status: int) -> None:
@@ -71,7 +90,7 @@ class ClassifierServer:
     async def start(self) -> None:
         await self._set_health(NOT_SERVING)
         # "liveness" answers SERVING while the process runs (a liveness probe must not
-        # restart a pod that is merely still loading its models).
+        # restart a pod that is merely still loading its models, or draining).
         await self.health.set(LIVENESS, SERVING)
         await self.grpc_server.start()
         if self.settings.metrics_port is not None:
@@ -82,9 +101,19 @@ class ClassifierServer:
                 "grpc_port": self.port,
                 "metrics_port": self.metrics_port,
                 "repository": str(self.repository.root),
+                "tls": self.settings.tls_cert is not None,
+                "mtls": self.settings.tls_client_ca is not None,
             },
         )
-        self._loader = asyncio.get_running_loop().create_task(self._load_models())
+        loop = asyncio.get_running_loop()
+        self._loader = loop.create_task(self._load_models())
+        self._trimmer = loop.create_task(self._trim_periodically())
+
+    async def _trim_periodically(self) -> None:
+        """Give memory freed by a burst back to the OS once things calm down."""
+        while True:
+            await asyncio.sleep(MEMORY_TICK_SECONDS)
+            await asyncio.to_thread(self._freed.release_if_due, True)
 
     async def _load_models(self) -> None:
         await self.repository.load()
@@ -93,30 +122,44 @@ class ClassifierServer:
         self.repository.start_polling()
 
     async def _update_health(self) -> None:
-        """SERVING once at least one model version is loaded and warm; NOT_SERVING else."""
+        """SERVING while the repository serves what it must (see ``serving()``)."""
         if self.shutting_down:
             return
-        ready = self.repository.ready_versions()
-        if ready and not self._ready.is_set():
-            await self._set_health(SERVING)
+        serving = self.repository.serving()
+        if serving == self._serving:
+            return  # Watch streams are told of changes only
+        self._serving = serving
+        await self._set_health(SERVING if serving else NOT_SERVING)
+        if serving:
             self._ready.set()
+            ready = self.repository.ready_versions()
             log.info("serving", extra={"models": [f"{v.name}/{v.version}" for v in ready]})
-        elif not ready:
-            await self._set_health(NOT_SERVING)
+        else:
             self._ready.clear()
-            log.error("no model is ready in %s; health is NOT_SERVING", self.repository.root)
+            log.error("not every model has a ready version; health is NOT_SERVING")
 
     async def wait_until_ready(self, timeout: float | None = None) -> None:
         await asyncio.wait_for(self._ready.wait(), timeout)
 
-    async def stop(self, grace: float | None = None) -> None:
+    def skip_drain(self) -> None:
+        self._skip_drain.set()
+
+    async def stop(self, grace: float | None = None, drain: float | None = None) -> None:
+        """Drain (NOT_SERVING, still answering), then refuse new calls, then unload."""
         grace = self.settings.grace_seconds if grace is None else grace
+        drain = self.settings.drain_seconds if drain is None else drain
         self.shutting_down = True
+        for task in (self._loader, self._trimmer):
+            if task is not None and not task.done():
+                task.cancel()
+        await self._set_health(NOT_SERVING)
+        log.info("draining", extra={"drain_seconds": drain, "grace_seconds": grace})
+        if drain > 0:
+            with contextlib.suppress(TimeoutError):  # the drain ran its full length
+                await asyncio.wait_for(self._skip_drain.wait(), drain)
         await self.health.enter_graceful_shutdown()  # every entry NOT_SERVING, for good
         log.info("shutting down", extra={"grace_seconds": grace})
         await self.grpc_server.stop(grace)  # refuses new calls, lets in-flight ones finish
-        if self._loader is not None and not self._loader.done():
-            self._loader.cancel()
         await self.repository.close()
         for pool in self._pools:
             pool.shutdown(wait=False, cancel_futures=True)
@@ -124,6 +167,32 @@ class ClassifierServer:
 
     async def wait_for_termination(self) -> None:
         await self.grpc_server.wait_for_termination()
+
+
+def server_options(settings: Settings) -> list[tuple[str, int]]:
+    """gRPC channel arguments from the settings: message sizes, keepalive, connection age."""
+    s = settings
+    options = [
+        ("grpc.max_receive_message_length", s.max_receive_message_bytes),
+        ("grpc.max_send_message_length", s.max_send_message_bytes),
+        ("grpc.so_reuseport", 0),
+        ("grpc.keepalive_time_ms", int(s.keepalive_time_seconds * 1000)),
+        ("grpc.keepalive_timeout_ms", int(s.keepalive_timeout_seconds * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        (
+            "grpc.http2.min_recv_ping_interval_without_data_ms",
+            int(s.min_client_ping_interval_seconds * 1000),
+        ),
+        ("grpc.http2.max_ping_strikes", 2),
+    ]
+    if s.max_connection_age_seconds > 0:
+        options += [
+            ("grpc.max_connection_age_ms", int(s.max_connection_age_seconds * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(s.max_connection_age_grace_seconds * 1000)),
+        ]
+    if s.max_concurrent_streams:
+        options.append(("grpc.max_concurrent_streams", s.max_concurrent_streams))
+    return options
 
 
 async def create_server(settings: Settings) -> tuple[ClassifierServer, int]:
@@ -134,13 +203,15 @@ async def create_server(settings: Settings) -> tuple[ClassifierServer, int]:
         max(2, settings.instances * 4), thread_name_prefix="inference"
     )
     repository = ModelRepository(settings, metrics, inference_pool)
-    grpc_server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", settings.max_receive_message_bytes),
-            ("grpc.max_send_message_length", settings.max_send_message_bytes),
-            ("grpc.so_reuseport", 0),
-        ]
+    servicer = ImageClassifierServicer(settings, repository, metrics, preprocess_pool)
+    tokens = TokenStore(
+        settings.auth_token.get_secret_value() if settings.auth_token else None,
+        settings.auth_token_file,
     )
+    interceptors = (
+        [AuthInterceptor(tokens, servicer.refuse_unauthenticated)] if tokens.enabled else []
+    )
+    grpc_server = grpc.aio.server(interceptors=interceptors, options=server_options(settings))
     server = ClassifierServer(
         settings,
         grpc_server,
@@ -149,9 +220,7 @@ async def create_server(settings: Settings) -> tuple[ClassifierServer, int]:
         repository,
         health.aio.HealthServicer(),
         [preprocess_pool, inference_pool],
-    )
-    servicer = ImageClassifierServicer(
-        settings, repository, metrics, preprocess_pool, lambda: server.shutting_down
+        servicer.freed,
     )
     pb_grpc.add_ImageClassifierServicer_to_server(servicer, grpc_server)
     health_pb2_grpc.add_HealthServicer_to_server(server.health, grpc_server)
@@ -165,9 +234,17 @@ async def create_server(settings: Settings) -> tuple[ClassifierServer, int]:
     )
     address = f"{settings.host}:{settings.port}"
     try:
-        port = grpc_server.add_insecure_port(address)
+        if settings.tls_cert is not None and settings.tls_key is not None:
+            certificates = ServerCertificates(
+                settings.tls_cert, settings.tls_key, settings.tls_client_ca
+            )
+            port = grpc_server.add_secure_port(address, certificates.credentials())
+        else:
+            port = grpc_server.add_insecure_port(address)
     except RuntimeError as exc:
         raise OSError(f"cannot bind gRPC to {address}: {exc}") from None
+    except ValueError as exc:  # unusable TLS files
+        raise OSError(str(exc)) from None
     if port == 0:
         raise OSError(f"cannot bind gRPC to {address} (in use?)")
     server.port = port
@@ -179,9 +256,15 @@ async def serve(settings: Settings) -> None:
     server, _ = await create_server(settings)
     await server.start()
     stop = asyncio.Event()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            server.skip_drain()  # a second signal: no more waiting for load balancers
+        stop.set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     await stop.wait()
     await server.stop()
     log.info("stopped")

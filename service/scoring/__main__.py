@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -76,9 +77,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--concurrency", type=int, default=8, help="requests in flight")
     g.add_argument("--images-per-request", type=int, default=16)
     g.add_argument("--timeout", type=float, default=120.0)
-    g.add_argument("--token", help="bearer token, if the server requires one")
-    g.add_argument("--tls", action="store_true")
-    g.add_argument("--ca", type=Path, help="PEM root certificates for TLS")
+    g.add_argument(
+        "--token",
+        default=os.environ.get("CLASSIFIER_TOKEN"),
+        help="bearer token, if the server requires one (env CLASSIFIER_TOKEN)",
+    )
+    g.add_argument("--token-file", type=Path, help="read the bearer token from this file")
+    g.add_argument("--tls", action="store_true", help="TLS with the system roots")
+    g.add_argument("--ca", type=Path, help="PEM root certificates for TLS (implies TLS)")
+    g.add_argument("--cert", type=Path, help="PEM client certificate (mTLS)")
+    g.add_argument("--key", type=Path, help="PEM private key of --cert")
+    g.add_argument("--server-name", help="the name the server certificate is for")
+    g.add_argument(
+        "--retry-seconds",
+        type=float,
+        default=300.0,
+        help="how long to keep retrying a request the server refuses as busy",
+    )
     r = p.add_argument_group("ray engine")
     r.add_argument("--address", help="an existing Ray cluster (default: start a local one)")
     r.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
@@ -91,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def make_engine(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     if args.engine == "grpc":
+        from service.client import read_token_file
         from service.scoring.grpc_engine import GrpcEngine
 
         return GrpcEngine(
@@ -101,9 +117,13 @@ def make_engine(args: argparse.Namespace):  # type: ignore[no-untyped-def]
             images_per_request=args.images_per_request,
             concurrency=args.concurrency,
             timeout=args.timeout,
-            token=args.token,
+            token=read_token_file(args.token_file) if args.token_file else args.token,
             tls=args.tls,
             root_certificates=args.ca,
+            certificate_chain=args.cert,
+            private_key=args.key,
+            server_name=args.server_name,
+            retry_seconds=args.retry_seconds,
         )
     model_path = resolve_model_path(args.model)
     if args.engine == "ray":

@@ -1,28 +1,71 @@
 """The gRPC engine: the same job against a running server, through the client SDK.
 
 Requests carry ``images_per_request`` images; up to ``concurrency`` are in flight and rows
-come back in input order. A request refused because of one of its images (INVALID_ARGUMENT
-or a per-image limit) is retried image by image, so only the bad image becomes an error
-row. Anything else — the server down after the SDK's retries, a deadline, a wrong token —
-stops the job: it is resumable, and error rows for healthy images would be wrong.
+come back in input order. The server's error reason (trailing metadata) decides what a
+refusal means:
+
+* "retry later" (``queue_full``, ``server_busy``): the same request is sent again with
+  exponential backoff, for up to ``retry_seconds``; a loaded server slows the job down,
+  it never turns healthy images into error rows;
+* one of its images (INVALID_ARGUMENT, or a per-image limit): the request is retried
+  image by image, so only the bad image becomes an error row;
+* anything else — the server down after the SDK's retries, a deadline, a wrong token, a
+  busy server that stays busy — stops the job: it is resumable, and error rows for healthy
+  images would be wrong.
 """
 
 from __future__ import annotations
 
+import logging
+import random
+import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 
-from service.client import ClassifierClient, predictions_from_proto, to_proto_image
+from service.client import (
+    ClassifierClient,
+    error_reason,
+    is_retryable,
+    predictions_from_proto,
+    to_proto_image,
+)
 from service.proto_gen.classifier.v1 import classifier_pb2 as pb
 from service.results import Box
 from service.scoring.rows import Row
 
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
 # Codes that blame the request's content (one bad image), not the server.
 PER_IMAGE_CODES = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED}
+FIRST_BACKOFF_SECONDS = 0.1
+MAX_BACKOFF_SECONDS = 5.0
+
+
+def blames_the_images(exc: grpc.RpcError) -> bool:
+    """A refusal caused by the request's images (not by the server being busy)."""
+    return exc.code() in PER_IMAGE_CODES and not is_retryable(exc)
+
+
+def with_backoff(call: Callable[[], T], retry_seconds: float) -> T:
+    """``call()``, sent again after "retry later" answers, with jittered exponential
+    backoff, until it gets another answer or ``retry_seconds`` have passed."""
+    give_up = time.monotonic() + retry_seconds
+    delay = FIRST_BACKOFF_SECONDS
+    while True:
+        try:
+            return call()
+        except grpc.RpcError as exc:
+            if not is_retryable(exc) or time.monotonic() + delay > give_up:
+                raise
+            log.debug("server busy (%s); retrying in %.2f s", error_reason(exc), delay)
+        time.sleep(delay * random.uniform(0.5, 1.0))
+        delay = min(MAX_BACKOFF_SECONDS, delay * 2)
 
 
 def parse_model(model: str) -> tuple[str, str]:
@@ -49,10 +92,22 @@ class GrpcEngine:
         token: str | None = None,
         tls: bool = False,
         root_certificates: Path | None = None,
+        certificate_chain: Path | None = None,
+        private_key: Path | None = None,
+        server_name: str | None = None,
+        retry_seconds: float = 300.0,
     ):
         self.client = ClassifierClient(
-            target, timeout=timeout, token=token, tls=tls, root_certificates=root_certificates
+            target,
+            timeout=timeout,
+            token=token,
+            tls=tls,
+            root_certificates=root_certificates,
+            certificate_chain=certificate_chain,
+            private_key=private_key,
+            server_name=server_name,
         )
+        self.retry_seconds = retry_seconds
         name, version = parse_model(model)
         info = self.client.get_model(name, version)  # fails fast on a wrong model
         if task == "localize" and not (info.has_boxes or info.has_cam):
@@ -70,7 +125,7 @@ class GrpcEngine:
         try:
             return self._request(paths, images)
         except grpc.RpcError as exc:
-            if exc.code() not in PER_IMAGE_CODES or len(paths) == 1:
+            if not blames_the_images(exc) or len(paths) == 1:
                 raise
             return [self._one(p) for p in paths]  # isolate the image(s) at fault
 
@@ -84,11 +139,14 @@ class GrpcEngine:
         try:
             return self._request([path], [image])[0]
         except grpc.RpcError as exc:
-            if exc.code() in PER_IMAGE_CODES:
+            if blames_the_images(exc):
                 return Row.failed(path, str(exc.details()), self.model, self.version)
             raise
 
     def _request(self, paths: list[str], images: list[pb.Image]) -> list[Row]:
+        return with_backoff(lambda: self._send(paths, images), self.retry_seconds)
+
+    def _send(self, paths: list[str], images: list[pb.Image]) -> list[Row]:
         stub, meta = self.client.stub, self.client.metadata
         if self.task == "localize":
             response = stub.Localize(

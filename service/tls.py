@@ -1,0 +1,81 @@
+"""TLS and mTLS for the server, from PEM files that are re-read when they change.
+
+gRPC calls ``fetch`` before every new connection's handshake (its dynamic server
+certificate configuration). We look at the files' size, mtime and inode there — three
+``stat`` calls — and load them again only when one changed, so a certificate rotated on
+disk (cert-manager, a renewed Let's Encrypt certificate) serves the next connection
+without a restart. A new pair that does not load (the key written before its certificate,
+a typo) is logged and the previous one kept until the files change again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import ssl
+from pathlib import Path
+
+import grpc
+
+log = logging.getLogger(__name__)
+
+FileState = tuple[tuple[int, int, int] | None, ...]
+
+
+def _state(paths: list[Path]) -> FileState:
+    out: list[tuple[int, int, int] | None] = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+            out.append((st.st_size, st.st_mtime_ns, st.st_ino))
+        except OSError:
+            out.append(None)
+    return tuple(out)
+
+
+class ServerCertificates:
+    """The server's certificate chain and key, and for mTLS the client CA bundle."""
+
+    def __init__(self, cert: Path, key: Path, client_ca: Path | None = None):
+        self.cert, self.key, self.client_ca = Path(cert), Path(key), client_ca
+        self._paths = [self.cert, self.key] + ([Path(client_ca)] if client_ca else [])
+        self._loaded: FileState = ()
+        self._rejected: FileState = ()
+
+    def _load(self) -> grpc.ServerCertificateConfiguration:
+        cert, key = self.cert.read_bytes(), self.key.read_bytes()
+        # Raises if the key does not belong to the certificate, or either is malformed.
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(self.cert, self.key)
+        roots = Path(self.client_ca).read_bytes() if self.client_ca else None
+        if roots is not None:
+            ssl.create_default_context(cadata=roots.decode("ascii", "replace"))
+        return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=roots)
+
+    def credentials(self) -> grpc.ServerCredentials:
+        """Server credentials that follow the files; raises ValueError if they do not load."""
+        state = _state(self._paths)
+        try:
+            initial = self._load()
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            raise ValueError(f"cannot use the TLS files {self._paths}: {exc}") from None
+        self._loaded = state
+        return grpc.dynamic_ssl_server_credentials(
+            initial, self.fetch, require_client_authentication=self.client_ca is not None
+        )
+
+    def fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        """gRPC's callback: a new configuration if the files changed, else None."""
+        state = _state(self._paths)
+        if state in (self._loaded, self._rejected):
+            return None
+        try:
+            config = self._load()
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            self._rejected = state
+            log.error("new TLS files do not load (keeping the previous ones): %s", exc)
+            return None
+        if _state(self._paths) != state:  # changed while being read: next connection
+            return None
+        self._loaded = state
+        log.info("TLS certificate reloaded from %s", self.cert)
+        return config
