@@ -56,7 +56,11 @@ class DecodeBudget:
         """
         if pixels > self.max_pixels:
             raise LimitExceededError(
-                "pixels to decode (max_decode_pixels)", pixels, self.max_pixels, index=index
+                "pixels to decode",
+                pixels,
+                self.max_pixels,
+                setting="max_decode_pixels",
+                index=index,
             )
         with self._room:
             while self._in_use + pixels > self.max_pixels:

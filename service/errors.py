@@ -58,12 +58,25 @@ class ResourceExhaustedError(ServiceError):
 
 
 class LimitExceededError(ResourceExhaustedError):
-    def __init__(self, what: str, value: int, limit: int, *, index: int | None = None) -> None:
+    """A configured limit; the message names it, e.g. "… over the limit of 64
+    (max_images_per_request)"."""
+
+    def __init__(
+        self,
+        what: str,
+        value: int,
+        limit: int,
+        *,
+        setting: str | None = None,
+        index: int | None = None,
+    ) -> None:
         where = "" if index is None else f"image {index}: "
-        super().__init__(f"{where}{what} is {value:,}, over the limit of {limit:,}")
+        named = f" ({setting})" if setting else ""
+        super().__init__(f"{where}{what} is {value:,}, over the limit of {limit:,}{named}")
         self.what = what
         self.value = value
         self.limit = limit
+        self.setting = setting
         self.index = index
 
 

@@ -171,7 +171,11 @@ def check_shape(width: int, height: int, limits: ImageLimits, index: int | None 
         raise InvalidImageError(f"image has no pixels ({width}x{height})", index=index)
     if width * height > limits.max_pixels:
         raise LimitExceededError(
-            f"pixel count ({width}x{height})", width * height, limits.max_pixels, index=index
+            f"pixel count ({width}x{height})",
+            width * height,
+            limits.max_pixels,
+            setting="max_image_pixels",
+            index=index,
         )
     aspect = max(width, height) / min(width, height)
     if aspect > limits.max_aspect_ratio:
@@ -204,7 +208,13 @@ def _open_header(data: bytes, limits: ImageLimits, index: int | None) -> Image.I
     if not data:
         raise InvalidImageError("empty image bytes", index=index)
     if len(data) > limits.max_bytes:
-        raise LimitExceededError("encoded size in bytes", len(data), limits.max_bytes, index=index)
+        raise LimitExceededError(
+            "encoded size in bytes",
+            len(data),
+            limits.max_bytes,
+            setting="max_image_bytes",
+            index=index,
+        )
     # Errors are raised after the except block, never inside it: an exception raised
     # there would keep the original (and every frame and buffer it references) alive
     # as its __context__, even with ``from None``.

@@ -379,9 +379,10 @@ class ImageClassifierServicer(pb_grpc.ImageClassifierServicer):
             raise InvalidArgumentError("the request has no images")
         if count > self.settings.max_images_per_request:
             raise LimitExceededError(
-                "images per request (max_images_per_request)",
+                "images per request",
                 count,
                 self.settings.max_images_per_request,
+                setting="max_images_per_request",
             )
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
