@@ -245,12 +245,19 @@ def _orientation(image: Image.Image) -> int:
         return 1
 
 
-def _decode_upright_rgb(image: Image.Image, orientation: int, index: int | None) -> Image.Image:
-    """Decode the pixels of an opened image to upright RGB; closes what it replaces."""
+def _decode_upright_rgb(
+    image: Image.Image, orientation: int | None, index: int | None
+) -> Image.Image:
+    """Decode the pixels of an opened image to upright RGB; closes what it replaces.
+
+    ``orientation`` None: read it once the pixels are loaded (see ``_prepare_decode``).
+    """
     fmt = image.format
     failure: ServiceError | None = None
     try:
         image.load()  # the first frame of animated GIF/WebP and multi-page TIFF
+        if orientation is None:
+            orientation = _orientation(image)
         current = image
         if orientation != 1:
             current = ImageOps.exif_transpose(image)
@@ -294,10 +301,18 @@ def _prepare_decode(
     image: Image.Image,
     limits: ImageLimits,
     draft_target: Callable[[int, int], tuple[int, int]] | None,
-) -> int:
-    """EXIF orientation, and the JPEG draft scale (which shrinks ``image.size``)."""
+) -> int | None:
+    """The JPEG draft scale (which shrinks ``image.size``), before any pixel is decoded.
+
+    JPEGs carry EXIF ahead of their pixels, and the draft needs the orientation, so it is
+    read here. Other formats' orientation is read after decoding (None): PNG's
+    ``getexif()`` decodes the whole image to look for an eXIf chunk behind the pixels,
+    which here would happen outside the decode budget.
+    """
+    if image.format not in ("JPEG", "MPO"):
+        return None
     orientation = _orientation(image)
-    if draft_target is not None and image.format in ("JPEG", "MPO"):
+    if draft_target is not None:
         target = draft_target(*image.size)
         _apply_draft(image, target, orientation, limits.jpeg_draft_factor)
     return orientation
@@ -397,13 +412,18 @@ def preprocess_encoded(
         orientation = _prepare_decode(image, limits, resize_target_for(spec))
         width, height = image.size
         with _reserved(budget, width * height, deadline, index):
-            rgb = _decode_upright_rgb(image, orientation, index)
+            # Every image is closed inside the reservation: the budget is only given
+            # back once the pixels it stood for are freed.
             try:
-                return _resize_checked(rgb, spec, out, index)
+                rgb = _decode_upright_rgb(image, orientation, index)
+                try:
+                    return _resize_checked(rgb, spec, out, index)
+                finally:
+                    rgb.close()
             finally:
-                rgb.close()
+                image.close()
     finally:
-        image.close()
+        image.close()  # when the header checks or the draft failed
 
 
 def raw_to_image(

@@ -35,7 +35,7 @@ from grpc_reflection.v1alpha import reflection
 
 from service.auth import AuthInterceptor, TokenStore
 from service.config import Settings
-from service.memory import FreedMemory
+from service.memory import FreedMemory, configure_allocator
 from service.metrics import Metrics
 from service.proto_gen.classifier.v1 import classifier_pb2 as pb
 from service.proto_gen.classifier.v1 import classifier_pb2_grpc as pb_grpc
@@ -253,6 +253,7 @@ async def create_server(settings: Settings) -> tuple[ClassifierServer, int]:
 
 async def serve(settings: Settings) -> None:
     """Run until SIGTERM/SIGINT, then shut down gracefully."""
+    configure_allocator()  # before the first large decode: see service.memory
     server, _ = await create_server(settings)
     await server.start()
     stop = asyncio.Event()
