@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 from PIL import Image
 
-from service.client import ClassifierClient
+from service.client import error_reason, is_retryable, request_id
 from service.proto_gen.classifier.v1 import classifier_pb2 as pb
 from service.proto_gen.classifier.v1 import classifier_pb2_grpc as pb_grpc
 from tests.integration.service.conftest import ServerProcess, copy_model
@@ -204,7 +204,9 @@ def test_bad_inputs_get_the_right_status_and_the_server_stays_healthy(
         # Messages say what was wrong and the limit.
         with pytest.raises(grpc.RpcError) as info:
             classify(*[pb.Image(encoded=good)] * 65)()  # type: ignore[operator]
-        assert "images per request is 65, over the limit of 64" in str(info.value.details())
+        details = str(info.value.details())
+        assert "images per request is 65, over the limit of 64 (max_images_per_request)" in details
+        assert error_reason(info.value) == "limit" and not is_retryable(info.value)
         with pytest.raises(grpc.RpcError) as info:
             classify(pb.Image(encoded=good), pb.Image(encoded=truncated))()  # type: ignore[operator]
         assert "image 1:" in str(info.value.details())
@@ -224,42 +226,127 @@ def test_large_message_within_limits_is_accepted(demo_server: ServerProcess) -> 
         assert len(client.classify([data])) == 1
 
 
-def test_deadline_exceeded(demo_server: ServerProcess, quick_model: dict[str, Path]) -> None:
+def test_deadline_exceeded(start_server: type[ServerProcess], quick_model: dict[str, Path]) -> None:
+    # A 1 s batching delay: the call's 0.3 s deadline passes while its images wait in the
+    # server's queue; the collector finds them expired and counts them as "deadline".
+    server = start_server(
+        quick_model["repository"], "--max-queue-delay-us", "1000000", "--max-batch-size", "64"
+    )
+    server.wait_for_event("serving")
     path = val_samples(quick_model)[0].path
-    with demo_server.client() as client, pytest.raises(grpc.RpcError) as info:
-        client.classify([path] * 32, timeout=0.0005)
+    with server.client() as client, pytest.raises(grpc.RpcError) as info:
+        client.classify([path] * 3, timeout=0.3)
     assert info.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    deadline = time.monotonic() + 10
+    while metric(server, "classifier_dropped_images_total", reason="deadline") < 3:
+        assert time.monotonic() < deadline, server.metrics_text()
+        time.sleep(0.1)
+    assert metric(server, "classifier_dropped_images_total", reason="cancelled") == 0
+    assert metric(server, "classifier_requests_total", code="DEADLINE_EXCEEDED") == 1
 
 
-def test_queue_full_is_refused_at_once(
+def test_queue_full_is_refused_at_once_before_decoding(
     start_server: type[ServerProcess], quick_model: dict[str, Path]
 ) -> None:
-    server = start_server(quick_model["repository"], "--max-queue-size", "4")
+    server = start_server(
+        quick_model["repository"],
+        "--max-queue-size",
+        "4",
+        "--max-images-per-request",
+        "4",
+        "--max-queue-delay-us",
+        "2000000",
+        "--max-batch-size",
+        "8",
+    )
     server.wait_for_event("serving")
     path = val_samples(quick_model)[0].path
-    with server.client() as client:
+    with server.client() as first, server.client() as second:
+        pending = threading.Thread(target=lambda: first.classify([path] * 4))
+        pending.start()  # four images wait 2 s for a batch: the queue is full
+        time.sleep(0.5)
+        decoded = metric(server, "classifier_preprocess_duration_seconds_count")
         with pytest.raises(grpc.RpcError) as info:
-            client.classify([path] * 5)
-        assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "the limit is 4" in str(info.value.details())
-        assert len(client.classify([path] * 4)) == 4
+            second.classify([path])
+        pending.join(30)
+    assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "the limit is 4 (max_queue_size); retry later" in str(info.value.details())
+    assert error_reason(info.value) == "queue_full" and is_retryable(info.value)
+    assert decoded == 4  # refused before its image was decoded
+    assert metric(server, "classifier_preprocess_duration_seconds_count") == 4
 
 
-def test_token_authentication(
+def test_calls_naming_unknown_models_add_no_series(demo_server: ServerProcess) -> None:
+    with grpc.insecure_channel(demo_server.target) as channel:
+        stub = pb_grpc.ImageClassifierStub(channel)
+        image = pb.Image(encoded=b"x")
+
+        def call(i: int) -> grpc.StatusCode:
+            try:
+                stub.Classify(pb.ClassifyRequest(model=f"m{i}", images=[image]), timeout=10)
+            except grpc.RpcError as exc:
+                return exc.code()  # type: ignore[no-any-return]
+            return grpc.StatusCode.OK
+
+        call(-1)  # the _unknown series exist from the first such call on
+        before = len(demo_server.series())
+        with ThreadPoolExecutor(8) as pool:
+            codes = set(pool.map(call, range(1000)))
+    assert codes == {grpc.StatusCode.NOT_FOUND}
+    series = demo_server.series()
+    assert len(series) == before
+    models = {part.split('"')[1] for line in series for part in line.split(",") if "model=" in part}
+    assert models <= {"demo", "_unknown", ""}  # "": ListModels, which names no model
+
+
+def test_request_ids_and_the_access_log(
+    demo_server: ServerProcess, quick_model: dict[str, Path]
+) -> None:
+    path = val_samples(quick_model)[0].path
+    with grpc.insecure_channel(demo_server.target) as channel:
+        stub = pb_grpc.ImageClassifierStub(channel)
+        request = pb.ClassifyRequest(model="demo", images=[pb.Image(encoded=path.read_bytes())])
+        _, call = stub.Classify.with_call(request, metadata=[("x-request-id", "job-42")])
+        assert ("x-request-id", "job-42") in call.trailing_metadata()
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Classify(pb.ClassifyRequest(model="demo", images=[pb.Image(encoded=b"?")]))
+    generated = request_id(info.value)
+    assert generated and f"(request id {generated})" in str(info.value.details())
+    assert error_reason(info.value) == "invalid_image"
+    deadline = time.monotonic() + 10
+    while not any(e.get("request_id") == generated for e in demo_server.events):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    ok = next(e for e in demo_server.events if e.get("request_id") == "job-42")
+    bad = next(e for e in demo_server.events if e.get("request_id") == generated)
+    assert ok["msg"] == "Classify OK" and ok["level"] == "INFO"
+    assert (ok["model"], ok["version"], ok["images"], ok["code"]) == ("demo", "1", 1, "OK")
+    assert str(ok["peer"]).startswith("ipv4:127.0.0.1:")
+    assert float(ok["ms"]) > 0  # type: ignore[arg-type]
+    assert bad["code"] == "INVALID_ARGUMENT" and "not a decodable image" in str(bad["error"])
+
+
+def test_connections_are_recycled_after_their_maximum_age_without_failed_calls(
     start_server: type[ServerProcess], quick_model: dict[str, Path]
 ) -> None:
-    server = start_server(quick_model["repository"], "--auth-token", "s3cret")
+    server = start_server(
+        quick_model["repository"],
+        "--max-connection-age-seconds",
+        "1",
+        "--max-connection-age-grace-seconds",
+        "1",
+    )
     server.wait_for_event("serving")
     path = val_samples(quick_model)[0].path
-    with server.client() as anonymous:
-        assert anonymous.health() == "SERVING"  # probes need no token
-        with pytest.raises(grpc.RpcError) as info:
-            anonymous.classify([path])
-        assert info.value.code() is grpc.StatusCode.UNAUTHENTICATED
-    with server.client(token="wrong") as wrong, pytest.raises(grpc.RpcError):
-        wrong.classify([path])
-    with server.client(token="s3cret") as client:
-        assert len(client.classify([path])) == 1
+    with server.client() as client:  # one long-lived channel, as a real client has
+        results = []
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline:
+            results.append(len(client.classify([path])))
+            time.sleep(0.05)
+    assert set(results) == {1}
+    peers = {e["peer"] for e in server.events if e.get("msg") == "Classify OK"}
+    assert len(peers) >= 3  # reconnected (and re-resolved) at least twice
 
 
 def test_health_turns_serving_only_after_a_model_is_loaded_and_warm(
@@ -308,36 +395,6 @@ def test_versions_policies_and_a_broken_model(
                 stub.Classify(pb.ClassifyRequest(model="broken", images=[image]))
             assert info.value.code() is grpc.StatusCode.UNAVAILABLE
     assert metric(server, "classifier_model_load_failures_total", model="broken") == 1
-
-
-def test_sigterm_lets_in_flight_requests_finish_and_exits_zero(
-    start_server: type[ServerProcess], quick_model: dict[str, Path]
-) -> None:
-    # A 1.5 s batching delay keeps requests in flight when SIGTERM arrives.
-    server = start_server(
-        quick_model["repository"], "--max-queue-delay-us", "1500000", "--max-batch-size", "64"
-    )
-    server.wait_for_event("serving")
-    path = val_samples(quick_model)[0].path
-    results: list[object] = []
-
-    def call() -> None:
-        with ClassifierClient(server.target, timeout=30) as client:
-            try:
-                results.append(client.classify([path, path]))
-            except grpc.RpcError as exc:
-                results.append(exc)
-
-    threads = [threading.Thread(target=call) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    time.sleep(0.5)
-    assert server.terminate(timeout=30) == 0
-    for thread in threads:
-        thread.join(30)
-    assert len(results) == 4
-    assert all(isinstance(r, list) and len(r) == 2 for r in results), results
-    assert "shutting down" in server.messages()
 
 
 def test_serving_code_never_imports_torch() -> None:
