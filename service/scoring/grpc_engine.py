@@ -125,8 +125,10 @@ class GrpcEngine:
         try:
             return self._request(paths, images)
         except grpc.RpcError as exc:
-            if not blames_the_images(exc) or len(paths) == 1:
+            if not blames_the_images(exc):
                 raise
+            if len(paths) == 1:
+                return [Row.failed(paths[0], str(exc.details()), self.model, self.version)]
             return [self._one(p) for p in paths]  # isolate the image(s) at fault
 
     def _one(self, path: str) -> Row:

@@ -258,3 +258,48 @@ def test_unsafe_resumes_are_refused(
     fresh = score(*base, "--input", str(inputs / "batch1"), "--overwrite")
     assert "scored 20 of 20 inputs (0 already done)" in fresh.stdout
     assert {r["version"] for r in read_rows(out)} == {"2"}
+
+
+def test_grpc_engine_waits_out_a_full_queue_and_still_isolates_bad_images(
+    quick_model: dict[str, Path], inputs: Path, tmp_path: Path
+) -> None:
+    # A queue of 4 images and 8 requests of 4 in flight: most requests are refused as
+    # "queue_full" at first; the engine backs off and resends them instead of turning
+    # healthy images into error rows. The corrupt file still becomes one error row.
+    server = ServerProcess(
+        quick_model["repository"],
+        "--max-queue-size",
+        "4",
+        "--max-images-per-request",
+        "4",
+        "--max-queue-delay-us",
+        "20000",
+    )
+    try:
+        server.wait_for_event("serving")
+        rows = _engine_rows(
+            [
+                "--engine",
+                "grpc",
+                "--target",
+                server.target,
+                "--images-per-request",
+                "4",
+                "--concurrency",
+                "8",
+            ],
+            "demo",
+            inputs,
+            tmp_path / "grpc",
+        )
+        refused = sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in server.series()
+            if line.startswith("classifier_requests_total") and "RESOURCE_EXHAUSTED" in line
+        )
+    finally:
+        server.kill()
+    assert refused > 0  # the retry path really ran
+    errors = {Path(r["path"]).name: r["error"] for r in rows if r["error"]}
+    assert list(errors) == [CORRUPT] and "image 0" in errors[CORRUPT]
+    assert len(rows) == 61
