@@ -137,7 +137,7 @@ def test_bombs_and_thin_images_get_4xx_codes_and_memory_returns(
         with ThreadPoolExecutor(8) as pool:
             tiny = list(pool.map(lambda _: call(stub, pb.Image(encoded=bomb)), range(300)))
             truncated = list(pool.map(lambda _: call(stub, pb.Image(encoded=cut)), range(24)))
-        thin_codes = {
+        thin_codes: dict[object, tuple[grpc.StatusCode, str]] = {
             size: call(stub, pb.Image(encoded=thin(*size)))
             for size in ((1, 40000), (40000, 1), (4_000_000, 1), (39_000_000, 1))
         }

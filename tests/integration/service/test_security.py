@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 
 from service.client import ClassifierClient, request_id
-from tests.integration.service.certs import Authority
+from tests.certs import Authority
 from tests.integration.service.conftest import ServerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -222,3 +222,47 @@ def test_concurrency_runs_batches_in_parallel() -> None:
         await batcher.close()
 
     run(main)
+
+
+def test_admission_reserves_room_before_decoding_and_gives_back_what_was_not_used() -> None:
+    runner = FakeRunner()
+
+    async def main() -> None:
+        batcher, _ = make(runner, max_batch_size=8, max_queue_delay_us=0, max_queue_size=5)
+        batcher.start()
+        first = batcher.admit(3)  # decoding...
+        with pytest.raises(QueueFullError, match=r"3 images pending.*\(max_queue_size\)"):
+            batcher.admit(3)  # refused before anything is decoded
+        with batcher.admit(2):
+            assert batcher.pending == 5
+        assert batcher.pending == 3  # the second request failed while decoding: room back
+        with first:
+            futures = first.submit([image(1), image(2)])  # one of its images was bad
+        assert batcher.pending <= 2
+        assert [int(r["tag"]) for r in await asyncio.gather(*futures)] == [1, 2]
+        assert batcher.pending == 0
+        with batcher.admit(5):
+            pass
+        await batcher.close()
+
+    run(main)
+
+
+def test_a_deadline_that_cancelled_the_call_first_still_counts_as_deadline() -> None:
+    runner = FakeRunner()
+
+    async def main() -> dict[str, int]:
+        batcher, hooks = make(runner, max_batch_size=8, max_queue_delay_us=200_000)
+        batcher.start()
+        futures = batcher.submit([image(1), image(2)], deadline=time.monotonic() + 0.05)
+        await asyncio.sleep(0.06)
+        for future in futures:  # what gRPC does when the call's deadline passes
+            future.cancel()
+        cancelled = batcher.submit([image(3)])
+        cancelled[0].cancel()  # a caller that went away
+        await asyncio.sleep(0.3)
+        await batcher.close()
+        return hooks.dropped_counts
+
+    assert run(main) == {"deadline": 2, "cancelled": 1}
+    assert runner.batches == []

@@ -69,3 +69,55 @@ def test_bad_flag_exits_2_with_a_message() -> None:
     )
     assert out.returncode == 2
     assert "max_batch_size" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_limits_that_cannot_work_together_are_refused_at_start(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"max_queue_size \(16\) is smaller than max_images"):
+        load_settings(max_queue_size=16, max_images_per_request=64)
+    with pytest.raises(ConfigError, match="max_decode_pixels"):
+        load_settings(max_decode_pixels=1000, max_image_pixels=2000)
+    with pytest.raises(ConfigError, match="max_inflight_bytes"):
+        load_settings(max_inflight_bytes=10, max_image_bytes=20)
+    assert load_settings(max_queue_size=4, max_images_per_request=4).max_queue_size == 4
+
+
+def test_tls_and_token_files_are_checked(tmp_path: Path) -> None:
+    cert = tmp_path / "cert.pem"
+    cert.write_text("x")
+    with pytest.raises(ConfigError, match="tls_cert and tls_key go together"):
+        load_settings(tls_cert=cert)
+    with pytest.raises(ConfigError, match=r"tls_client_ca .* needs tls_cert"):
+        load_settings(tls_client_ca=cert)
+    with pytest.raises(ConfigError, match=r"tls_key .* is not a readable file"):
+        load_settings(tls_cert=cert, tls_key=tmp_path / "absent.key")
+    with pytest.raises(ConfigError, match="auth_token_file"):
+        load_settings(auth_token_file=tmp_path / "absent")
+    settings = load_settings(tls_cert=cert, tls_key=cert, tls_client_ca=cert)
+    assert settings.tls_client_ca == cert
+
+
+def test_unusable_tls_files_stop_the_server_with_a_message(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate")
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "service",
+            "--port",
+            "0",
+            "--metrics-port",
+            "none",
+            "--model-repository",
+            str(tmp_path),
+            "--tls-cert",
+            str(garbage),
+            "--tls-key",
+            str(garbage),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 1
+    assert "cannot use the TLS files" in out.stderr and "Traceback" not in out.stderr

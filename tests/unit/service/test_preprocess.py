@@ -5,11 +5,13 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from service.decode_budget import DecodeBudget
 from service.errors import InvalidImageError, LimitExceededError
 from service.model_spec import InputSpec, ModelSpec, Preprocessing, ResizeMode, Task
 from service.preprocess import (
@@ -174,3 +176,58 @@ def test_geometry_maps_boxes_back_to_the_original(mode: ResizeMode) -> None:
     assert geometry.to_original(fwd) == pytest.approx(box)
     # Boxes are clipped to the original image.
     assert geometry.to_original((-50.0, -50.0, 500.0, 500.0)) == (0.0, 0.0, 300.0, 200.0)
+
+
+@pytest.mark.parametrize("size", [(1, 40000), (40000, 1), (4_000_000, 1), (30, 1)])
+def test_images_too_thin_to_resize_are_invalid_naming_the_limit(size: tuple[int, int]) -> None:
+    width, height = size
+    data = encode(Image.new("L", (min(width, 30), min(height, 30))), "PNG")
+    data = data[:16] + struct.pack(">II", width, height) + data[24:]  # only the header lies
+    data = data[:29] + struct.pack(">I", zlib.crc32(data[12:29]) & 0xFFFFFFFF) + data[33:]
+    with pytest.raises(InvalidImageError, match=r"over the limit of 20:1 \(max_image_aspect"):
+        preprocess_encoded(data, spec(ResizeMode.CENTER_CROP), LIMITS, index=0)
+    with pytest.raises(InvalidImageError, match="max_image_aspect_ratio"):
+        preprocess_raw(1, 21, b"\x00" * 63, spec(ResizeMode.LETTERBOX), LIMITS)
+    square_enough = preprocess_raw(1, 20, b"\x00" * 60, spec(ResizeMode.CENTER_CROP), LIMITS)
+    assert square_enough[0].shape == (32, 32, 3)
+
+
+def test_a_png_too_short_for_its_declared_size_is_refused_before_decoding() -> None:
+    with pytest.raises(InvalidImageError, match="cannot hold: truncated or a decompression"):
+        open_image(bomb_png(6000, 6000), LIMITS)
+    # The densest real PNG (one colour) is still longer than its pixels over 1032.
+    solid = encode(Image.new("RGB", (3000, 3000)), "PNG", compress_level=9)
+    assert open_image(solid, LIMITS).size == (3000, 3000)
+
+
+def test_errors_carry_no_chained_exception() -> None:
+    # A chained exception would keep the failed decode's frames (and pixels) alive.
+    jpeg = encode(gradient(64, 64), "JPEG")
+    for data in (b"junk" * 10, jpeg[: len(jpeg) // 2], bomb_png(100, 100)[:40]):
+        with pytest.raises(InvalidImageError) as info:
+            preprocess_encoded(data, spec(), LIMITS)
+        assert info.value.__context__ is None and info.value.__cause__ is None
+
+
+def test_the_budget_is_asked_for_the_draft_reduced_size() -> None:
+    asked: list[int] = []
+
+    class Recorder(DecodeBudget):
+        @contextmanager
+        def reserve(self, pixels: int, deadline: float | None = None, index: int | None = None):  # type: ignore[no-untyped-def,override]
+            asked.append(pixels)
+            yield
+
+    data = encode(gradient(1600, 1200), "JPEG", quality=90)
+    budget = Recorder(10**9)
+    preprocess_encoded(data, spec(ResizeMode.STRETCH, 64), LIMITS, budget=budget)
+    preprocess_encoded(encode(gradient(160, 120), "PNG"), spec(), LIMITS, budget=budget)
+    assert asked[0] < 1600 * 1200 // 4  # decoded at 1/4 scale or less
+    assert asked[1] == 160 * 120
+
+
+def test_png_orientation_is_still_applied() -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    upright = open_image(encode(gradient(40, 30), "PNG", exif=exif.tobytes()), LIMITS)
+    assert upright.size == (30, 40)
