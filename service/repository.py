@@ -140,11 +140,6 @@ def scan(root: Path) -> dict[str, dict[int, Path]]:
     return found
 
 
-def discover(root: Path) -> dict[str, list[int]]:
-    """Model name → sorted versions that have a model file."""
-    return {name: list(versions) for name, versions in scan(root).items()}
-
-
 class ModelRepository:
     def __init__(self, settings: Settings, metrics: Metrics, executor: Executor):
         self.settings = settings

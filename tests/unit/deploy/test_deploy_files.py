@@ -50,6 +50,9 @@ def test_compose_serves_the_cpu_image_with_models_and_prometheus() -> None:
     for volume in services["prometheus"]["volumes"] + services["grafana"]["volumes"]:
         source = volume.split(":")[0]
         assert (ROOT / source).exists(), source
+    drain = Settings.model_fields["drain_seconds"].default
+    grace = Settings.model_fields["grace_seconds"].default
+    assert float(classifier["stop_grace_period"].rstrip("s")) > drain + grace
     for key, value in classifier["environment"].items():  # settings the server accepts
         assert key.startswith("CLASSIFIER_")
         assert key.removeprefix("CLASSIFIER_").lower() in Settings.model_fields
@@ -98,7 +101,15 @@ def test_kubernetes_manifests_fit_together() -> None:
     assert container["livenessProbe"]["grpc"]["service"] == "liveness"
     settings = yaml.safe_load(config["data"]["serve.yaml"])
     validated = load_settings(**settings)  # the config map is valid server settings
-    assert validated.grace_seconds < pod["terminationGracePeriodSeconds"]
+    # Kubernetes kills the pod after terminationGracePeriodSeconds: drain and grace fit.
+    assert validated.drain_seconds + validated.grace_seconds < pod["terminationGracePeriodSeconds"]
+    # The drain lasts long enough for the readiness probe to see NOT_SERVING and the
+    # endpoints to drop the pod.
+    probe = container["readinessProbe"]
+    assert validated.drain_seconds >= probe["periodSeconds"] * probe["failureThreshold"]
+    # Connections are recycled, so pods the HPA adds get traffic from existing clients.
+    assert 0 < validated.max_connection_age_seconds <= 600
+    assert validated.repository_poll_seconds > 0  # the "publish without a rollout" comment
     claim = pod["volumes"][0]["persistentVolumeClaim"]["claimName"]
     assert ("PersistentVolumeClaim", claim) in docs
 
