@@ -453,7 +453,8 @@ def preprocess_raw(
     budget: DecodeBudget | None = None,
     deadline: float | None = None,
 ) -> tuple[np.ndarray, Geometry]:
-    with _reserved(budget, max(0, height) * max(0, width), deadline, index):
+    check_shape(width, height, limits, index)  # its own limits first, then the budget
+    with _reserved(budget, height * width, deadline, index):
         image = raw_to_image(height, width, rgb, limits, index=index)
         try:
             return _resize_checked(image, spec, out, index)

@@ -237,6 +237,7 @@ class ModelRepository:
         if fingerprint is None:  # vanished since the scan
             return current is not None
         if current is not None and current.fingerprint == fingerprint:
+            current.error = current.error_fingerprint = None  # back to the file it serves
             return True
         failed = self._failures.get((name, version))
         if current is not None and current.error_fingerprint == fingerprint:

@@ -387,39 +387,41 @@ class ImageClassifierServicer(pb_grpc.ImageClassifierServicer):
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
         assert entry.batcher is not None
-        # Both admissions come before any decoding: a full server refuses at once.
-        with self.inflight.hold(request.ByteSize()), entry.batcher.admit(count) as admission:
-            loop = asyncio.get_running_loop()
-            prepared = await asyncio.gather(
-                *(
-                    loop.run_in_executor(
-                        self.pool,
-                        _prepare,
-                        image,
-                        entry.spec,
-                        self.limits,
-                        i,
-                        self.budget,
-                        deadline,
+        # Both admissions come before any decoding: a full server refuses at once. The
+        # bytes are held until the answer is ready (the message lives as long as the call).
+        with self.inflight.hold(request.ByteSize()):
+            with entry.batcher.admit(count) as admission:
+                loop = asyncio.get_running_loop()
+                prepared = await asyncio.gather(
+                    *(
+                        loop.run_in_executor(
+                            self.pool,
+                            _prepare,
+                            image,
+                            entry.spec,
+                            self.limits,
+                            i,
+                            self.budget,
+                            deadline,
+                        )
+                        for i, image in enumerate(request.images)
                     )
-                    for i, image in enumerate(request.images)
                 )
-            )
-            arrays, geometries = [], []
-            for item in prepared:
-                if isinstance(item, ServiceError):
-                    raise item
-                arrays.append(item[0])
-                geometries.append(item[1])
-                self.metrics.preprocess_duration.observe(item[2])
-            del prepared
-            futures = admission.submit(arrays, deadline)
-        try:
-            rows = await asyncio.gather(*futures, return_exceptions=True)
-        except asyncio.CancelledError:
-            for future in futures:
-                future.cancel()  # the batcher drops them before compute
-            raise
+                arrays, geometries = [], []
+                for item in prepared:
+                    if isinstance(item, ServiceError):
+                        raise item
+                    arrays.append(item[0])
+                    geometries.append(item[1])
+                    self.metrics.preprocess_duration.observe(item[2])
+                del prepared
+                futures = admission.submit(arrays, deadline)
+            try:
+                rows = await asyncio.gather(*futures, return_exceptions=True)
+            except asyncio.CancelledError:
+                for future in futures:
+                    future.cancel()  # the batcher drops them before compute
+                raise
         for row in rows:
             if isinstance(row, BaseException):
                 raise row

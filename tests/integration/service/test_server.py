@@ -227,15 +227,17 @@ def test_large_message_within_limits_is_accepted(demo_server: ServerProcess) -> 
 
 
 def test_deadline_exceeded(start_server: type[ServerProcess], quick_model: dict[str, Path]) -> None:
-    # A 1 s batching delay: the call's 0.3 s deadline passes while its images wait in the
+    # A 2 s batching delay: the call's 0.5 s deadline passes while its images wait in the
     # server's queue; the collector finds them expired and counts them as "deadline".
     server = start_server(
-        quick_model["repository"], "--max-queue-delay-us", "1000000", "--max-batch-size", "64"
+        quick_model["repository"], "--max-queue-delay-us", "2000000", "--max-batch-size", "64"
     )
     server.wait_for_event("serving")
     path = val_samples(quick_model)[0].path
-    with server.client() as client, pytest.raises(grpc.RpcError) as info:
-        client.classify([path] * 3, timeout=0.3)
+    with server.client() as client:
+        client.classify([path] * 64)  # a full batch goes at once: warms the pools up
+        with pytest.raises(grpc.RpcError) as info:
+            client.classify([path] * 3, timeout=0.5)
     assert info.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
     deadline = time.monotonic() + 10
     while metric(server, "classifier_dropped_images_total", reason="deadline") < 3:

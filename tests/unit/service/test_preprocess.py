@@ -231,3 +231,8 @@ def test_png_orientation_is_still_applied() -> None:
     exif[0x0112] = 6
     upright = open_image(encode(gradient(40, 30), "PNG", exif=exif.tobytes()), LIMITS)
     assert upright.size == (30, 40)
+
+
+def test_a_raw_image_over_the_pixel_limit_names_that_limit_not_the_budget() -> None:
+    with pytest.raises(LimitExceededError, match=r"\(max_image_pixels\)"):
+        preprocess_raw(100_000, 100_000, b"", spec(), LIMITS, budget=DecodeBudget(80_000_000))
