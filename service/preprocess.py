@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -28,6 +29,8 @@ from service.errors import (
     ServiceError,
 )
 from service.model_spec import Interpolation, ModelSpec, Preprocessing, ResizeMode
+
+T = TypeVar("T")
 
 # Pillow opens MPO (multi-picture JPEG from cameras) through its JPEG plugin.
 SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
@@ -215,9 +218,7 @@ def _open_header(data: bytes, limits: ImageLimits, index: int | None) -> Image.I
             setting="max_image_bytes",
             index=index,
         )
-    # Errors are raised after the except block, never inside it: an exception raised
-    # there would keep the original (and every frame and buffer it references) alive
-    # as its __context__, even with ``from None``.
+    # Raised after the except block, for the reason given in ``_translated``.
     failure = None
     try:
         image = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
@@ -245,6 +246,28 @@ def _orientation(image: Image.Image) -> int:
         return 1
 
 
+def _translated(work: Callable[[], T], action: str, subject: str, index: int | None) -> T:
+    """``work()``, its failures reported as this image's errors ("cannot decode PNG image:
+    ...", or "not enough memory" as RESOURCE_EXHAUSTED), never as the server's.
+
+    The error is raised after the except block, never inside it: one raised there keeps
+    the original (and every frame and buffer it references) as its __context__, even
+    with ``from None``.
+    """
+    failure: ServiceError | None = None
+    try:
+        return work()
+    except ServiceError:
+        raise
+    except MemoryError:
+        failure = ResourceExhaustedError(
+            f"{_where(index)}not enough memory to {action} the image; retry later"
+        )
+    except Exception as exc:
+        failure = InvalidImageError(f"cannot {action} {subject}: {exc}", index=index)
+    raise failure
+
+
 def _decode_upright_rgb(
     image: Image.Image, orientation: int | None, index: int | None
 ) -> Image.Image:
@@ -252,26 +275,19 @@ def _decode_upright_rgb(
 
     ``orientation`` None: read it once the pixels are loaded (see ``_prepare_decode``).
     """
-    fmt = image.format
-    failure: ServiceError | None = None
-    try:
+
+    def decode() -> Image.Image:
         image.load()  # the first frame of animated GIF/WebP and multi-page TIFF
-        if orientation is None:
-            orientation = _orientation(image)
-        current = image
-        if orientation != 1:
-            current = ImageOps.exif_transpose(image)
-        rgb = to_rgb(current)
-        if current is not image and current is not rgb:
-            current.close()
+        turn = _orientation(image) if orientation is None else orientation
+        current = ImageOps.exif_transpose(image) if turn != 1 else image
+        try:
+            rgb = to_rgb(current)
+        finally:
+            if current is not image and current.mode != "RGB":
+                current.close()  # to_rgb made a copy, or failed: this one is done
         return rgb
-    except MemoryError:
-        failure = ResourceExhaustedError(
-            f"{_where(index)}not enough memory to decode the image; retry later"
-        )
-    except Exception as exc:
-        failure = InvalidImageError(f"cannot decode {fmt} image: {exc}", index=index)
-    raise failure
+
+    return _translated(decode, "decode", f"{image.format} image", index)
 
 
 def open_image(
@@ -379,16 +395,10 @@ def _resize_checked(
     image: Image.Image, spec: ModelSpec, out: np.ndarray | None, index: int | None
 ) -> tuple[np.ndarray, Geometry]:
     """``resize_to_input``, with its failures reported as this image's errors."""
-    failure: ServiceError | None = None
-    try:
-        return resize_to_input(image, spec.preprocessing, spec.input.height, spec.input.width, out)
-    except MemoryError:
-        failure = ResourceExhaustedError(
-            f"{_where(index)}not enough memory to resize the image; retry later"
-        )
-    except Exception as exc:
-        failure = InvalidImageError(f"cannot resize image: {exc}", index=index)
-    raise failure
+    prep, height, width = spec.preprocessing, spec.input.height, spec.input.width
+    return _translated(
+        lambda: resize_to_input(image, prep, height, width, out), "resize", "image", index
+    )
 
 
 def preprocess_encoded(
