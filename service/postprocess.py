@@ -9,12 +9,15 @@ connected component's bounding box is the answer (Zhou et al., 2016).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 from scipy import ndimage
 
+from service.errors import InvalidArgumentError
 from service.model_spec import ModelSpec
 from service.preprocess import Geometry
-from service.results import Box, Heatmap, Prediction
+from service.results import Box, Heatmap, Localization, Prediction
 
 BOX_SOURCE_REGRESSION = "regression"
 BOX_SOURCE_CAM = "cam"
@@ -105,3 +108,38 @@ def heatmap(
     seen = ((ys >= 0) & (ys <= in_h))[:, None] & ((xs >= 0) & (xs <= in_w))[None, :]
     values = np.where(seen, np.clip(values, 0.0, 1.0), 0.0).astype(np.float32)
     return Heatmap(height=hh, width=hw, values=values)
+
+
+def check_can_localize(spec: ModelSpec, model: str, include_heatmap: bool) -> None:
+    """Refuse, before any work, a localization the model cannot give."""
+    if not spec.has_boxes and not spec.has_cam:
+        raise InvalidArgumentError(
+            f"model {model!r} cannot localize: it has neither a box head nor class activation maps"
+        )
+    if include_heatmap and not spec.has_cam:
+        raise InvalidArgumentError(
+            f"model {model!r} exports no class activation maps, so the heatmap is not available"
+        )
+
+
+def localizations(
+    spec: ModelSpec,
+    rows: Sequence[dict[str, np.ndarray]],
+    geometries: Sequence[Geometry],
+    k: int,
+    include_heatmap: bool,
+    heatmap_max_side: int = 224,
+) -> list[Localization]:
+    """Each image's top-k, box (and heatmap) from its output row; what Localize answers."""
+    h, w = spec.input.height, spec.input.width
+    out = []
+    for row, geometry in zip(rows, geometries, strict=True):
+        predictions = top_k(row[spec.outputs.probabilities], k, spec.labels)
+        box, source = locate(row, geometry, spec, predictions[0].score)
+        hm = (
+            heatmap(row[str(spec.outputs.cam)][0], geometry, h, w, heatmap_max_side)
+            if include_heatmap
+            else None
+        )
+        out.append(Localization(predictions, box, source, hm))
+    return out

@@ -34,7 +34,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from service.auth import AuthInterceptor, TokenStore
+from service.calls import CallLog
 from service.config import Settings
+from service.envelope import Envelope
+from service.inference import RequestPipeline
 from service.memory import FreedMemory, configure_allocator
 from service.metrics import Metrics
 from service.proto_gen.classifier.v1 import classifier_pb2 as pb
@@ -203,13 +206,15 @@ async def create_server(settings: Settings) -> tuple[ClassifierServer, int]:
         max(2, settings.instances * 4), thread_name_prefix="inference"
     )
     repository = ModelRepository(settings, metrics, inference_pool)
-    servicer = ImageClassifierServicer(settings, repository, metrics, preprocess_pool)
+    pipeline = RequestPipeline(settings, metrics, preprocess_pool)
+    envelope = Envelope(CallLog(settings, metrics, repository.is_served))
+    servicer = ImageClassifierServicer(settings, repository, pipeline, envelope)
     tokens = TokenStore(
         settings.auth_token.get_secret_value() if settings.auth_token else None,
         settings.auth_token_file,
     )
     interceptors = (
-        [AuthInterceptor(tokens, servicer.refuse_unauthenticated)] if tokens.enabled else []
+        [AuthInterceptor(tokens, envelope.refuse_unauthenticated)] if tokens.enabled else []
     )
     grpc_server = grpc.aio.server(interceptors=interceptors, options=server_options(settings))
     server = ClassifierServer(
@@ -220,7 +225,7 @@ async def create_server(settings: Settings) -> tuple[ClassifierServer, int]:
         repository,
         health.aio.HealthServicer(),
         [preprocess_pool, inference_pool],
-        servicer.freed,
+        pipeline.freed,
     )
     pb_grpc.add_ImageClassifierServicer_to_server(servicer, grpc_server)
     health_pb2_grpc.add_HealthServicer_to_server(server.health, grpc_server)
