@@ -6,9 +6,10 @@ re-read when it changes, so a token can be rotated without a restart: add the ne
 move the clients, remove the old one. Every accepted token is compared in constant time,
 and all of them are compared, so timing tells nothing about which came close.
 
-``AuthInterceptor`` enforces them on every RPC except ``grpc.health.v1.Health`` (probes
-carry no credentials); it is installed only when tokens are configured, so a server
-without them pays nothing per call.
+``AuthInterceptor`` enforces them on every RPC except health (``grpc.health.v1.Health``
+and the Open Inference Protocol's ServerLive/ServerReady: probes carry no credentials);
+it is installed only when tokens are configured, so a server without them pays nothing
+per call.
 """
 
 from __future__ import annotations
@@ -25,7 +26,12 @@ import grpc
 log = logging.getLogger(__name__)
 
 AUTH_HEADER = "authorization"
-OPEN_SERVICES = ("/grpc.health.v1.Health/",)
+# Health needs no token: probes carry none, and these answers reveal nothing.
+OPEN_METHODS = (
+    "/grpc.health.v1.Health/",
+    "/inference.GRPCInferenceService/ServerLive",
+    "/inference.GRPCInferenceService/ServerReady",
+)
 # How often the token file's modification time is looked at (one stat per interval).
 RECHECK_SECONDS = 1.0
 
@@ -127,7 +133,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         method = handler_call_details.method
-        if method.startswith(OPEN_SERVICES) or self.tokens.accepts(
+        if method.startswith(OPEN_METHODS) or self.tokens.accepts(
             header_of(handler_call_details.invocation_metadata)
         ):
             return await continuation(handler_call_details)

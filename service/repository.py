@@ -19,6 +19,11 @@ The rules every path here keeps (DESIGN.md, "Model lifecycle"):
 
 Policies: ``latest`` serves the newest version that loads (a newer one that fails leaves
 the older one serving), ``all`` every version, ``specific`` the configured ones.
+
+Explicit control (the Open Inference Protocol's repository extension): ``load_model``
+rescans one model now (new versions swap in by the rules above) and serves it even if
+``models`` did not list it; ``unload_model`` retires all its versions and keeps it
+unloaded, rescans included, until it is loaded again.
 """
 
 from __future__ import annotations
@@ -153,6 +158,8 @@ class ModelRepository:
         self._unloads: set[asyncio.Task[None]] = set()
         self._missing: dict[str, str] = {}  # configured but absent → why
         self._known: set[str] = set()  # model names with series in the metrics
+        self._added: set[str] = set()  # loaded explicitly, beyond settings.models
+        self._unloaded: set[str] = set()  # unloaded explicitly: not served, not rescanned
         self._lock = asyncio.Lock()
         self._poller: asyncio.Task[None] | None = None
         self.on_change: Callable[[], Awaitable[None]] | None = None  # after each rescan
@@ -163,7 +170,7 @@ class ModelRepository:
         """Bring what is served in line with the repository and the policy (one rescan)."""
         async with self._lock:
             on_disk = scan(self.root)
-            names = self.settings.models or sorted(on_disk)
+            names = self.selected_names(on_disk)
             missing: dict[str, str] = {}
             for name in names:
                 if name not in self._known:
@@ -179,7 +186,7 @@ class ModelRepository:
                         self._retire(entry)
             for key in list(self._failures):
                 name, version = key
-                if version not in on_disk.get(name, {}):
+                if name not in names or version not in on_disk.get(name, {}):
                     del self._failures[key]
                     self.metrics.forget_version(name, str(version))
             for name in self._known - set(names):
@@ -190,6 +197,28 @@ class ModelRepository:
                 if self._missing.get(name) != reason:
                     log.error("model %s cannot be served: %s", name, reason)
             self._missing = missing
+
+    def selected_names(self, on_disk: dict[str, dict[int, Path]]) -> list[str]:
+        names = set(self.settings.models or on_disk) | self._added
+        return sorted(names - self._unloaded)
+
+    async def load_model(self, name: str) -> list[ModelVersion]:
+        """Rescan and serve one model now; its versions afterwards (ready or failed)."""
+        if name not in scan(self.root):
+            raise NotFoundError(f"no {name}/<version>/{MODEL_FILE} in {self.root}")
+        self._unloaded.discard(name)
+        if self.settings.models and name not in self.settings.models:
+            self._added.add(name)
+        await self.load()
+        return [e for e in self.all_versions() if e.name == name]
+
+    async def unload_model(self, name: str) -> None:
+        """Retire every version of ``name`` and keep it unloaded until ``load_model``."""
+        if name not in self._known and name not in scan(self.root):
+            raise NotFoundError(f"unknown model {name!r}")
+        self._unloaded.add(name)
+        self._added.discard(name)
+        await self.load()
 
     async def _reconcile(
         self, name: str, on_disk: dict[int, Path], missing: dict[str, str]
@@ -431,9 +460,11 @@ class ModelRepository:
 
     def serving(self) -> bool:
         """Health: every configured model has a ready version (with none configured: at
-        least one model does, so one broken model among many does not fail the pod)."""
+        least one model does, so one broken model among many does not fail the pod).
+        Models unloaded explicitly are not required."""
         if self.settings.models:
-            return all(self._versions.get(name) for name in self.settings.models)
+            required = set(self.settings.models) - self._unloaded
+            return all(self._versions.get(name) for name in required)
         return bool(self._versions)
 
     def is_served(self, name: str) -> bool:

@@ -125,6 +125,7 @@ class Runner:
         self.active_providers = first.get_providers()
         self._use_io_binding = self.active_providers[0] in (TENSORRT, CUDA)
         self.output_names = [o.name for o in first.get_outputs()]
+        self.output_shapes = {o.name: list(o.shape) for o in first.get_outputs()}
         self.max_batch_size = self._declared_batch(first)
         log.info(
             "loaded %s: providers %s (wanted %s), %d instance(s), io_binding=%s",

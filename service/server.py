@@ -40,6 +40,9 @@ from service.envelope import Envelope
 from service.inference import RequestPipeline
 from service.memory import FreedMemory, configure_allocator
 from service.metrics import Metrics
+from service.oip import SERVICE_NAME as OIP_SERVICE_NAME
+from service.oip import InferenceServicer
+from service.oip import add_to_server as add_oip_servicer
 from service.proto_gen.classifier.v1 import classifier_pb2 as pb
 from service.proto_gen.classifier.v1 import classifier_pb2_grpc as pb_grpc
 from service.repository import ModelRepository
@@ -141,6 +144,10 @@ class ClassifierServer:
             self._ready.clear()
             log.error("not every model has a ready version; health is NOT_SERVING")
 
+    def is_ready(self) -> bool:
+        """What health answers: ready to serve, and not draining."""
+        return bool(self._serving) and not self.shutting_down
+
     async def wait_until_ready(self, timeout: float | None = None) -> None:
         await asyncio.wait_for(self._ready.wait(), timeout)
 
@@ -228,10 +235,14 @@ async def create_server(settings: Settings) -> tuple[ClassifierServer, int]:
         pipeline.freed,
     )
     pb_grpc.add_ImageClassifierServicer_to_server(servicer, grpc_server)
+    add_oip_servicer(
+        InferenceServicer(settings, repository, pipeline, envelope, server.is_ready), grpc_server
+    )
     health_pb2_grpc.add_HealthServicer_to_server(server.health, grpc_server)
     reflection.enable_server_reflection(
         (
             SERVICE_NAME,
+            OIP_SERVICE_NAME,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ),
