@@ -51,6 +51,13 @@ class Settings(BaseSettings):
     # --- network --------------------------------------------------------------------
     host: str = Field(default="127.0.0.1", description="address to bind (0.0.0.0: all)")
     port: int = Field(default=50051, ge=0, le=65535, description="gRPC port (0: any free)")
+    http_port: int | None = Field(
+        default=8000,
+        ge=0,
+        le=65535,
+        description="HTTP port: Open Inference Protocol REST, upload routes, /docs and the "
+        "page at / (0: any free; none: off)",
+    )
     metrics_port: int | None = Field(
         default=9090,
         ge=0,

@@ -1,4 +1,5 @@
-"""The server: gRPC (ImageClassifier + health + reflection), /metrics, models, shutdown.
+"""The server: gRPC (classifier.v1, the Open Inference Protocol, health, reflection), the
+HTTP port (service.http), /metrics, models, shutdown.
 
     server, port = await create_server(settings)   # bound, not started
     await server.start()                           # health NOT_SERVING until models are warm
@@ -37,6 +38,7 @@ from service.auth import AuthInterceptor, TokenStore
 from service.calls import CallLog
 from service.config import Settings
 from service.envelope import Envelope
+from service.http import HttpServer, create_app
 from service.inference import RequestPipeline
 from service.memory import FreedMemory, configure_allocator
 from service.metrics import Metrics
@@ -80,6 +82,7 @@ class ClassifierServer:
         self.repository = repository
         self.health = health_servicer
         self.metrics_port: int | None = None
+        self.http: HttpServer | None = None
         self._pools = pools
         self._freed = freed or FreedMemory()
         self._trimmer: asyncio.Task[None] | None = None
@@ -99,12 +102,15 @@ class ClassifierServer:
         # restart a pod that is merely still loading its models, or draining).
         await self.health.set(LIVENESS, SERVING)
         await self.grpc_server.start()
+        if self.http is not None:
+            await self.http.start()
         if self.settings.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.settings.host, self.settings.metrics_port)
         log.info(
             "listening",
             extra={
                 "grpc_port": self.port,
+                "http_port": self.http.port if self.http else None,
                 "metrics_port": self.metrics_port,
                 "repository": str(self.repository.root),
                 "tls": self.settings.tls_cert is not None,
@@ -169,7 +175,11 @@ class ClassifierServer:
                 await asyncio.wait_for(self._skip_drain.wait(), drain)
         await self.health.enter_graceful_shutdown()  # every entry NOT_SERVING, for good
         log.info("shutting down", extra={"grace_seconds": grace})
-        await self.grpc_server.stop(grace)  # refuses new calls, lets in-flight ones finish
+        # Both ports refuse new calls and let in-flight ones finish, at the same time.
+        stopping = [self.grpc_server.stop(grace)]
+        if self.http is not None:
+            stopping.append(self.http.stop())
+        await asyncio.gather(*stopping)
         await self.repository.close()
         for pool in self._pools:
             pool.shutdown(wait=False, cancel_futures=True)
@@ -235,9 +245,8 @@ async def create_server(settings: Settings) -> tuple[ClassifierServer, int]:
         pipeline.freed,
     )
     pb_grpc.add_ImageClassifierServicer_to_server(servicer, grpc_server)
-    add_oip_servicer(
-        InferenceServicer(settings, repository, pipeline, envelope, server.is_ready), grpc_server
-    )
+    inference = InferenceServicer(settings, repository, pipeline, envelope, server.is_ready)
+    add_oip_servicer(inference, grpc_server)
     health_pb2_grpc.add_HealthServicer_to_server(server.health, grpc_server)
     reflection.enable_server_reflection(
         (
@@ -264,6 +273,14 @@ async def create_server(settings: Settings) -> tuple[ClassifierServer, int]:
     if port == 0:
         raise OSError(f"cannot bind gRPC to {address} (in use?)")
     server.port = port
+    if settings.http_port is not None:
+        app = create_app(
+            settings, repository, pipeline, envelope.calls, tokens, inference, server.is_ready
+        )
+        try:
+            server.http = HttpServer(settings, app)
+        except ValueError as exc:  # unusable TLS files
+            raise OSError(str(exc)) from None
     return server, port
 
 

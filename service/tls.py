@@ -1,11 +1,12 @@
 """TLS and mTLS for the server, from PEM files that are re-read when they change.
 
-gRPC calls ``fetch`` before every new connection's handshake (its dynamic server
+The gRPC port: gRPC calls ``fetch`` before every new connection's handshake (its dynamic server
 certificate configuration). We look at the files' size, mtime and inode there — three
 ``stat`` calls — and load them again only when one changed, so a certificate rotated on
 disk (cert-manager, a renewed Let's Encrypt certificate) serves the next connection
 without a restart. A new pair that does not load (the key written before its certificate,
-a typo) is logged and the previous one kept until the files change again.
+a typo) is logged and the previous one kept until the files change again. The HTTP port:
+an ``ssl.SSLContext`` that ``refresh`` reloads in place when the files change.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ class ServerCertificates:
         self._paths = [self.cert, self.key] + ([Path(client_ca)] if client_ca else [])
         self._loaded: FileState = ()
         self._rejected: FileState = ()
+        self._http_loaded: FileState = ()
+        self._http_rejected: FileState = ()
 
     def _load(self) -> grpc.ServerCertificateConfiguration:
         cert, key = self.cert.read_bytes(), self.key.read_bytes()
@@ -79,3 +82,43 @@ class ServerCertificates:
         self._loaded = state
         log.info("TLS certificate reloaded from %s", self.cert)
         return config
+
+    # --- the HTTP port: an ssl.SSLContext, reloaded in place ------------------------------
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """A server context for the HTTP port (client certificates required with a CA)."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.set_alpn_protocols(["http/1.1"])
+        self._http_loaded = _state(self._paths)
+        try:
+            context.load_cert_chain(self.cert, self.key)
+            if self.client_ca is not None:
+                context.load_verify_locations(cafile=str(self.client_ca))
+                context.verify_mode = ssl.CERT_REQUIRED
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"cannot use the TLS files {self._paths}: {exc}") from None
+        return context
+
+    def refresh(self, context: ssl.SSLContext) -> bool:
+        """Load changed files into ``context`` (new handshakes use them); True if loaded.
+
+        The pair is checked on a scratch context first, so a broken one never reaches the
+        live context. A replaced client CA bundle adds its CAs to those trusted (OpenSSL
+        cannot forget loaded CAs); to stop trusting one, restart.
+        """
+        state = _state(self._paths)
+        if state in (self._http_loaded, self._http_rejected):
+            return False
+        try:
+            self._load()
+            context.load_cert_chain(self.cert, self.key)
+            if self.client_ca is not None:
+                context.load_verify_locations(cafile=str(self.client_ca))
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            self._http_rejected = state
+            log.error("new TLS files do not load for HTTP (keeping the previous ones): %s", exc)
+            return False
+        self._http_loaded = state
+        log.info("HTTP TLS certificate reloaded from %s", self.cert)
+        return True
