@@ -51,7 +51,8 @@ def tree_rss_mb(pid: int) -> float:
 
 
 class ServerProcess:
-    """``python -m service`` on port 0; learns its ports from the JSON 'listening' log."""
+    """``python -m service`` on free ports (gRPC, HTTP, metrics), learnt from its JSON
+    'listening' log event."""
 
     def __init__(self, repository: Path, *args: str, env: dict[str, str] | None = None):
         self.repository = repository
@@ -64,6 +65,8 @@ class ServerProcess:
             "--port",
             "0",
             "--metrics-port",
+            "0",
+            "--http-port",
             "0",
             "--model-repository",
             str(repository),
@@ -83,7 +86,9 @@ class ServerProcess:
         listening = self.wait_for_event("listening", timeout=60)
         self.port = int(listening["grpc_port"])  # type: ignore[call-overload]
         self.metrics_port = int(listening["metrics_port"])  # type: ignore[call-overload]
+        self.http_port = int(listening["http_port"])  # type: ignore[call-overload]
         self.target = f"127.0.0.1:{self.port}"
+        self.http_target = f"127.0.0.1:{self.http_port}"
 
     @property
     def pid(self) -> int:

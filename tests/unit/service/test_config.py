@@ -108,6 +108,8 @@ def test_unusable_tls_files_stop_the_server_with_a_message(tmp_path: Path) -> No
             "0",
             "--metrics-port",
             "none",
+            "--http-port",
+            "none",
             "--model-repository",
             str(tmp_path),
             "--tls-cert",
