@@ -195,3 +195,54 @@ def test_tokens_from_a_file_and_the_environment_rotate_without_a_restart(
     series = server.series()
     refused = [s for s in series if 'code="UNAUTHENTICATED"' in s]
     assert refused and all('model="_unknown"' in s for s in refused)
+
+
+def test_the_http_port_uses_the_same_tls_files_and_tokens(
+    start_server: type[ServerProcess], quick_model: dict[str, Path], tmp_path: Path
+) -> None:
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    ca = Authority.create("http-ca")
+    ca_file = ca.write(tmp_path)
+    live = tmp_path / "live"
+    live.mkdir()
+    cert, key = install(*ca.issue(tmp_path, "server", server=True), live)
+    tokens = tmp_path / "tokens"
+    tokens.write_text("http-token\n")
+    server = start_server(
+        quick_model["repository"],
+        "--tls-cert",
+        str(cert),
+        "--tls-key",
+        str(key),
+        "--auth-token-file",
+        str(tokens),
+    )
+    server.wait_for_event("serving")
+    base = f"https://localhost:{server.http_port}"
+    trusting = ssl.create_default_context(cafile=str(ca_file))
+
+    def get(path: str, context: ssl.SSLContext | None, **headers: str) -> int:
+        request = urllib.request.Request(base + path, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=10, context=context) as response:
+                return int(response.status)
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    assert get("/v2/health/ready", trusting) == 200  # health: no token
+    assert get("/v1/models", trusting) == 401
+    assert get("/v1/models", trusting, authorization="Bearer http-token") == 200
+    with pytest.raises(urllib.error.URLError):  # a client that does not trust the CA
+        get("/v2/health/ready", ssl.create_default_context())
+    with pytest.raises((urllib.error.URLError, ConnectionError)):  # plaintext to a TLS port
+        urllib.request.urlopen(f"http://localhost:{server.http_port}/v2/health/ready", timeout=10)
+
+    other = Authority.create("renewed-ca")
+    install(*other.issue(tmp_path, "renewed", server=True), live)
+    time.sleep(2.5)  # the HTTP port looks at its files once a second
+    renewed = ssl.create_default_context(cafile=str(other.write(tmp_path)))
+    assert get("/v2/health/ready", renewed) == 200  # rotated without a restart
+    assert any(m.startswith("HTTP TLS certificate reloaded") for m in server.messages())
