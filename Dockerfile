@@ -3,7 +3,7 @@
 #
 #   docker build --target cpu -t imgclf:cpu .
 #   docker build --target gpu -t imgclf:gpu .
-#   docker run -p 50051:50051 -p 9090:9090 -v "$PWD/models:/models:ro" imgclf:cpu
+#   docker run -p 50051:50051 -p 8000:8000 -p 9090:9090 -v "$PWD/models:/models:ro" imgclf:cpu
 #
 # Models are mounted at /models (<name>/<version>/model.onnx). Every server setting is an
 # environment variable CLASSIFIER_<NAME> or a flag after the image name.
@@ -35,7 +35,7 @@ RUN pip install --no-cache-dir /wheels/*.whl \
     && rm -rf /wheels \
     && python -c "import service.server, sys; assert 'torch' not in sys.modules"
 USER 10001:10001
-EXPOSE 50051 9090
+EXPOSE 50051 8000 9090
 VOLUME ["/models"]
 HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python", "-m", "service.client", "--target", "127.0.0.1:50051", "--timeout", "3", "health"]
@@ -70,7 +70,7 @@ RUN pip install --no-cache-dir /wheels/*.whl \
     && rm -rf /wheels
 ENV LD_LIBRARY_PATH=/opt/venv/lib/python3.12/site-packages/tensorrt_libs
 USER 10001:10001
-EXPOSE 50051 9090
+EXPOSE 50051 8000 9090
 VOLUME ["/models", "/cache/tensorrt"]
 HEALTHCHECK --interval=10s --timeout=5s --start-period=300s --retries=3 \
     CMD ["python", "-m", "service.client", "--target", "127.0.0.1:50051", "--timeout", "3", "health"]

@@ -9,6 +9,7 @@ DEMO_DATA ?= data/demo
 DEMO_RUN ?= runs/demo
 MODELS ?= models
 GRPC_PORT ?= 50051
+HTTP_PORT ?= 8000
 METRICS_PORT ?= 9090
 PYTEST_ARGS ?=
 
@@ -49,9 +50,9 @@ demo-model: demo-data  ## train the demo model (about 5 minutes on 2 cores) and 
 	@if ls $(MODELS)/demo/*/model.onnx >/dev/null 2>&1; then echo "demo model already exported: $$(ls $(MODELS)/demo/*/model.onnx | tail -1)"; \
 	else $(PY) -m training -q export $(DEMO_RUN)/best.pt --repository $(MODELS) --name demo --data $(DEMO_DATA); fi
 
-serve: setup  ## serve models/ on localhost:50051 (metrics :9090), building the demo model if there is none
+serve: setup  ## serve models/: gRPC on :50051, HTTP (OIP REST, the page) on :8000, metrics on :9090; builds the demo model if there is none
 	@if ! ls $(MODELS)/*/*/model.onnx >/dev/null 2>&1; then $(MAKE) --no-print-directory demo-model; fi
-	$(PY) -m service --model-repository $(MODELS) --port $(GRPC_PORT) --metrics-port $(METRICS_PORT) --log-format text
+	$(PY) -m service --model-repository $(MODELS) --port $(GRPC_PORT) --http-port $(HTTP_PORT) --metrics-port $(METRICS_PORT) --log-format text
 
 clean:  ## remove generated code, caches (keeps .venv, data, runs, models)
 	rm -rf service/proto_gen .pytest_cache .mypy_cache .ruff_cache

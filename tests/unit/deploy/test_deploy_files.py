@@ -43,7 +43,8 @@ def test_compose_serves_the_cpu_image_with_models_and_prometheus() -> None:
     services = compose["services"]
     classifier = services["classifier"]
     assert classifier["build"]["target"] == "cpu"
-    assert {"50051:50051", "9090:9090"} <= set(classifier["ports"])
+    assert {"50051:50051", "8000:8000", "9090:9090"} <= set(classifier["ports"])
+    assert Settings.model_fields["http_port"].default == 8000
     assert "./models:/models:ro" in classifier["volumes"]
     assert "deploy" not in classifier  # the GPU reservation stays commented out
     assert "driver: nvidia" in (ROOT / "docker-compose.yml").read_text()
@@ -98,9 +99,13 @@ def test_kubernetes_manifests_fit_together() -> None:
     assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
     assert hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
     assert container["readinessProbe"]["grpc"]["port"] == 50051
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"grpc": 50051, "http": 8000, "metrics": 9090}
+    assert {p["targetPort"] for p in service["spec"]["ports"]} == set(ports)
     assert container["livenessProbe"]["grpc"]["service"] == "liveness"
     settings = yaml.safe_load(config["data"]["serve.yaml"])
     validated = load_settings(**settings)  # the config map is valid server settings
+    assert (validated.port, validated.http_port) == (ports["grpc"], ports["http"])
     # Kubernetes kills the pod after terminationGracePeriodSeconds: drain and grace fit.
     assert validated.drain_seconds + validated.grace_seconds < pod["terminationGracePeriodSeconds"]
     # The drain lasts long enough for the readiness probe to see NOT_SERVING and the
