@@ -2,6 +2,7 @@
 
 python -m bench load --target localhost:50051 --images bench/scratch/photos -c 8 --seconds 10
 python -m bench load --rate 200 --seconds 10            # open loop, Poisson arrivals
+python -m bench load --protocol oip --model demo -c 8    # tritonclient, BYTES JPEG
 python -m bench limit --model models/demo/1/model.onnx
 python -m bench report [--case demo|resnet50]
 python -m bench scoring --model models/demo --input data/demo
@@ -34,6 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--warmup", type=float, default=2.0, help="seconds not measured")
     load.add_argument("--images-per-request", type=int, default=1)
     load.add_argument("--method", choices=["classify", "localize"], default="classify")
+    load.add_argument(
+        "--protocol",
+        choices=["classifier", "oip"],
+        default="classifier",
+        help="classifier.v1 (raw stub) or the Open Inference Protocol (tritonclient; closed "
+        "loop, one image per request)",
+    )
     load.add_argument("--json", type=Path, help="also write the result here")
 
     limit = sub.add_parser("limit", help="the in-process pipeline, no gRPC")
@@ -100,8 +108,20 @@ def main(argv: list[str] | None = None) -> int:
         from bench.load import run_load
         from service import eventloop
 
-        result = eventloop.run(
-            run_load(
+        if args.protocol == "oip":
+            from bench.oip_load import ours, run_oip_load
+
+            if args.rate is not None or args.images_per_request != 1:
+                raise SystemExit("--protocol oip is closed loop, one image per request")
+            coroutine = run_oip_load(
+                ours(args.target, args.model),
+                _images(args.images),
+                concurrency=args.concurrency,
+                seconds=args.seconds,
+                warmup=args.warmup,
+            )
+        else:
+            coroutine = run_load(
                 args.target,
                 _images(args.images),
                 model=args.model,
@@ -113,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                 images_per_request=args.images_per_request,
                 method=args.method,
             )
-        )
+        result = eventloop.run(coroutine)
         print(result.to_json())
         print(result.summary(), file=sys.stderr)
         if args.json:

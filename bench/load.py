@@ -80,7 +80,7 @@ def build_requests(
     return out
 
 
-def _percentiles(latencies: list[float]) -> dict[str, float]:
+def percentiles(latencies: list[float]) -> dict[str, float]:
     if not latencies:
         return {}
     ms = np.array(latencies) * 1000
@@ -180,6 +180,6 @@ async def run_load(
         images=ok * images_per_request,
         requests_per_s=ok / window if window > 0 else 0.0,
         images_per_s=ok * images_per_request / window if window > 0 else 0.0,
-        latency_ms=_percentiles(latencies),
+        latency_ms=percentiles(latencies),
         errors=errors,
     )

@@ -169,29 +169,6 @@ class PeerProcess:
             time.sleep(0.5)
         raise TimeoutError(f"the Triton peer did not become ready; see {self.log}")
 
-    def load(self, images: Path, concurrency: int, seconds: float, warmup: float) -> dict:  # type: ignore[type-arg]
-        out = subprocess.run(
-            [
-                str(self.venv / "bin" / "python"),
-                str(self.peer_dir / "load.py"),
-                "--port",
-                str(self.port),
-                "--images",
-                str(images),
-                "--concurrency",
-                str(concurrency),
-                "--seconds",
-                str(seconds),
-                "--warmup",
-                str(warmup),
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=seconds + warmup + 120,
-        )
-        return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
-
     def rss_mb(self) -> float:
         return tree_rss_mb(self.process.pid)
 

@@ -1,9 +1,11 @@
 """``python -m bench report``: the in-process limit, our server and the Triton peer, in one run.
 
-Measurements are interleaved — limit, then for each concurrency ours and the peer back to
-back, then batched requests, then the limit again — so drift of this noisy machine hits
-every contender alike, and ratios are taken within the run. Everyone gets the same ONNX
-model and the same four photos (JPEG q90, native size). Results go to
+Measurements are interleaved — limit, then for each concurrency ours over classifier.v1,
+ours over the Open Inference Protocol and the peer back to back, then batched requests,
+then the limit again — so drift of this noisy machine hits every contender alike, and
+ratios are taken within the run. Everyone gets the same ONNX model and the same four
+photos (JPEG q90, native size); ours over OIP and the peer are driven by one and the same
+client (tritonclient, ``bench.oip_load``). Results go to
 ``bench/results/<date>-<case>.{json,md,png}``.
 """
 
@@ -20,6 +22,8 @@ from typing import Any
 
 from bench.limit import LimitResult, measure_limit
 from bench.load import LoadResult, run_load
+from bench.oip_load import ours as our_oip_target
+from bench.oip_load import pytriton_peer, run_oip_load
 from bench.processes import PeerProcess, ServerProcess, peak_rss_mb
 from bench.workload import SCRATCH, latest_model, load_folder, photo_folder, resnet50_model
 from service import eventloop
@@ -68,6 +72,12 @@ def _load(
             warmup=3.0,
             images_per_request=images_per_request,
         )
+    )
+
+
+def _oip(target: Any, images: list[bytes], concurrency: int, seconds: float) -> LoadResult:
+    return eventloop.run(
+        run_oip_load(target, images, concurrency=concurrency, seconds=seconds, warmup=3.0)
     )
 
 
@@ -142,16 +152,16 @@ def run_report(args: argparse.Namespace) -> dict[str, Any]:
         ]
         print(limits[0].summary())
         ours: dict[int, LoadResult] = {}
-        theirs: dict[int, dict[str, Any]] = {}
+        ours_oip: dict[int, LoadResult] = {}
+        theirs: dict[int, LoadResult] = {}
         for c in concurrencies:
             ours[c] = _load(server, images, name, c, args.seconds)
-            print(f"ours  {ours[c].summary()}")
+            print(f"ours  classifier.v1 {ours[c].summary()}")
+            ours_oip[c] = _oip(our_oip_target(server.target, name), images, c, args.seconds)
+            print(f"ours  OIP           {ours_oip[c].summary()}")
             if peer is not None:
-                theirs[c] = peer.load(photos, c, args.seconds, 3.0)
-                print(
-                    f"peer  c={c}: {theirs[c]['throughput_img_s']} img/s p50 "
-                    f"{theirs[c]['p50_ms']} ms p99 {theirs[c]['p99_ms']} ms"
-                )
+                theirs[c] = _oip(pytriton_peer(f"127.0.0.1:{peer.port}"), images, c, args.seconds)
+                print(f"peer  OIP           {theirs[c].summary()}")
         batched = {
             n: _load(server, images, name, 4, args.seconds, images_per_request=n) for n in (8, 16)
         }
@@ -181,14 +191,21 @@ def run_report(args: argparse.Namespace) -> dict[str, Any]:
         {
             "limit": [x.as_dict() for x in limits],
             "ours": {c: vars(r) for c, r in ours.items()},
+            "ours_oip": {c: vars(r) for c, r in ours_oip.items()},
             "ours_batched_requests": {n: vars(r) for n, r in batched.items()},
-            "peer": theirs,
+            "peer": {c: vars(r) for c, r in theirs.items()},
             "ratios": {
                 "ours_best_over_limit": round(best_ours / limit_ips, 3),
                 "ours_single_image_requests_over_limit": round(best_single / limit_ips, 3),
-                "ours_over_peer_by_concurrency": {
-                    c: round(ours[c].images_per_s / theirs[c]["throughput_img_s"], 3)
+                "ours_oip_over_peer_by_concurrency": {
+                    c: round(ours_oip[c].images_per_s / theirs[c].images_per_s, 3)
                     for c in theirs
+                    if theirs[c].images_per_s
+                },
+                "ours_oip_over_classify_by_concurrency": {
+                    c: round(ours_oip[c].images_per_s / ours[c].images_per_s, 3)
+                    for c in ours
+                    if ours[c].images_per_s
                 },
                 "batch1_p50_ms_ours_minus_limit": round(
                     ours[min(ours)].latency_ms["p50"] - limit_b1, 3
@@ -235,22 +252,27 @@ def markdown(report: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "| concurrency | ours img/s | ours p50 | ours p99 | Triton img/s | Triton p50 |"
-        " Triton p99 | ours / Triton |",
-        "|---|---|---|---|---|---|---|---|",
+        "One image per request. classifier.v1 through our raw-stub load generator; ours over",
+        "OIP and Triton through the same tritonclient (gRPC, BYTES JPEG).",
+        "",
+        "| concurrency | classifier.v1 img/s (p50, p99 ms) | ours OIP img/s (p50, p99) |"
+        " Triton OIP img/s (p50, p99) | ours OIP / Triton |",
+        "|---|---|---|---|---|",
     ]
+
+    def cell(o: dict[str, Any] | None) -> str:
+        if not o:
+            return "–"
+        lat = o["latency_ms"]
+        return f"{o['images_per_s']:.0f} ({lat.get('p50', 0):.2f}, {lat.get('p99', 0):.2f})"
+
+    def of(table: dict[Any, Any], c: Any) -> dict[str, Any] | None:
+        return table.get(c) or table.get(str(c))  # type: ignore[no-any-return]
+
     for c, o in report["ours"].items():
-        p = report["peer"].get(c) or report["peer"].get(str(c))
-        peer_cols = (
-            f"{p['throughput_img_s']:.0f} | {p['p50_ms']:.2f} | {p['p99_ms']:.2f} | "
-            f"{o['images_per_s'] / p['throughput_img_s']:.2f}"
-            if p
-            else "– | – | – | –"
-        )
-        lines.append(
-            f"| {c} | {o['images_per_s']:.0f} | {o['latency_ms']['p50']:.2f} | "
-            f"{o['latency_ms']['p99']:.2f} | {peer_cols} |"
-        )
+        oip, peer = of(report.get("ours_oip", {}), c), of(report["peer"], c)
+        ratio = f"{oip['images_per_s'] / peer['images_per_s']:.2f}" if oip and peer else "–"
+        lines.append(f"| {c} | {cell(o)} | {cell(oip)} | {cell(peer)} | {ratio} |")
     lines += [
         "",
         "Batched requests (ours, 4 callers):",
@@ -269,7 +291,9 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"- ours / limit (best of all runs): **{r['ours_best_over_limit']}**",
         f"- ours / limit (one image per request): {r['ours_single_image_requests_over_limit']}",
-        f"- ours / Triton by concurrency: {r['ours_over_peer_by_concurrency']}",
+        f"- ours over OIP / Triton by concurrency (same client): "
+        f"{r['ours_oip_over_peer_by_concurrency']}",
+        f"- ours over OIP / ours over classifier.v1: {r['ours_oip_over_classify_by_concurrency']}",
         f"- batch-1 p50, ours minus limit: {r['batch1_p50_ms_ours_minus_limit']} ms",
         f"- server peak RSS: {report.get('server_peak_rss_mb')} MB; Triton peer RSS "
         f"(all processes): {report.get('peer_rss_mb', '–')} MB",
@@ -294,17 +318,25 @@ def plot(report: dict[str, Any], path: Path) -> None:
         [o["images_per_s"] for o in ours.values()],
         [o["latency_ms"]["p99"] for o in ours.values()],
         "o-",
-        label="ours",
+        label="ours (classifier.v1)",
     )
     for c, o in ours.items():
         ax.annotate(f"c={c}", (o["images_per_s"], o["latency_ms"]["p99"]), fontsize=7)
+    if report.get("ours_oip"):
+        oip = report["ours_oip"]
+        ax.plot(
+            [o["images_per_s"] for o in oip.values()],
+            [o["latency_ms"]["p99"] for o in oip.values()],
+            "^-",
+            label="ours (OIP, tritonclient)",
+        )
     if report["peer"]:
         peer = report["peer"]
         ax.plot(
-            [p["throughput_img_s"] for p in peer.values()],
-            [p["p99_ms"] for p in peer.values()],
+            [p["images_per_s"] for p in peer.values()],
+            [p["latency_ms"]["p99"] for p in peer.values()],
             "s--",
-            label="Triton (PyTriton)",
+            label="Triton (PyTriton, tritonclient)",
         )
     limit = sum(x["best_images_per_s"] for x in report["limit"]) / len(report["limit"])
     ax.axvline(limit, color="grey", linestyle=":", label="in-process limit")

@@ -64,6 +64,34 @@ def test_bench_load_two_seconds_against_a_real_server(quick_model: dict[str, Pat
             assert {"p50", "p90", "p99", "max"} <= set(result["latency_ms"])
             assert result["latency_ms"]["p50"] <= result["latency_ms"]["p99"]
             assert "img/s" in out.stderr  # the one-line summary
+        oip = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "bench",
+                "load",
+                "--protocol",
+                "oip",
+                "--target",
+                server.target,
+                "--model",
+                "demo",
+                "--images",
+                str(_val_folder(quick_model)),
+                "--seconds",
+                "2",
+                "--warmup",
+                "0.5",
+                "-c",
+                "4",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=120,
+        )
+        result = json.loads(oip.stdout)  # tritonclient, one BYTES JPEG per request
+        assert result["requests"] > 0 and result["errors"] == {}
     finally:
         server.kill()
 

@@ -1,0 +1,92 @@
+"""Closed-loop load over the Open Inference Protocol with the real tritonclient (gRPC aio):
+one encoded JPEG per request, as a BYTES tensor. The same client drives our server and
+the Triton peer, so the report compares servers, not clients.
+
+Ours takes ``image_bytes`` of shape ``[1]``; the PyTriton peer takes ``IMAGE`` of shape
+``[1, 1]`` and calls its model ``model`` (see ../shared/peers/pytriton/README.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import tritonclient.grpc.aio as triton
+
+from bench.load import LoadResult, check_loopback, percentiles
+
+
+@dataclass(frozen=True)
+class OipTarget:
+    address: str
+    model: str
+    input_name: str
+    shape: tuple[int, ...]  # of one request's BYTES tensor
+
+
+def ours(address: str, model: str) -> OipTarget:
+    return OipTarget(address, model, "image_bytes", (1,))
+
+
+def pytriton_peer(address: str) -> OipTarget:
+    return OipTarget(address, "model", "IMAGE", (1, 1))
+
+
+async def run_oip_load(
+    target: OipTarget,
+    images: list[bytes],
+    *,
+    concurrency: int = 8,
+    seconds: float = 10.0,
+    warmup: float = 2.0,
+    timeout: float = 30.0,
+) -> LoadResult:
+    check_loopback(target.address)
+    inputs = []
+    for image in images:  # built once: the generator spends its CPU on the wire
+        tensor = triton.InferInput(target.input_name, list(target.shape), "BYTES")
+        tensor.set_data_from_numpy(np.array([image], dtype=np.object_).reshape(target.shape))
+        inputs.append(tensor)
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    client = triton.InferenceServerClient(target.address)
+    try:
+        started = time.perf_counter()
+        measure_from, stop_at = started + warmup, started + warmup + seconds
+
+        async def caller(k: int) -> None:
+            i = k
+            while time.perf_counter() < stop_at:
+                sent = time.perf_counter()
+                try:
+                    await client.infer(target.model, [inputs[i % len(inputs)]], timeout=timeout)
+                    code = "OK"
+                except Exception as exc:  # tritonclient raises its own exception type
+                    code = type(exc).__name__
+                end = time.perf_counter()
+                if sent >= measure_from and end <= stop_at:
+                    if code == "OK":
+                        latencies.append(end - sent)
+                    else:
+                        errors[code] = errors.get(code, 0) + 1
+                i += concurrency
+
+        await asyncio.gather(*(caller(k) for k in range(concurrency)))
+    finally:
+        await client.close()
+    ok = len(latencies)
+    return LoadResult(
+        mode="closed",
+        concurrency=concurrency,
+        target_rate=None,
+        images_per_request=1,
+        seconds=seconds,
+        requests=ok,
+        images=ok,
+        requests_per_s=ok / seconds,
+        images_per_s=ok / seconds,
+        latency_ms=percentiles(latencies),
+        errors=errors,
+    )
