@@ -61,7 +61,9 @@ async def run_oip_load(
             while time.perf_counter() < stop_at:
                 sent = time.perf_counter()
                 try:
-                    await client.infer(target.model, [inputs[i % len(inputs)]], timeout=timeout)
+                    await client.infer(
+                        target.model, [inputs[i % len(inputs)]], client_timeout=timeout
+                    )
                     code = "OK"
                 except Exception as exc:  # tritonclient raises its own exception type
                     code = type(exc).__name__

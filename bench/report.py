@@ -271,7 +271,11 @@ def markdown(report: dict[str, Any]) -> str:
 
     for c, o in report["ours"].items():
         oip, peer = of(report.get("ours_oip", {}), c), of(report["peer"], c)
-        ratio = f"{oip['images_per_s'] / peer['images_per_s']:.2f}" if oip and peer else "–"
+        ratio = (
+            f"{oip['images_per_s'] / peer['images_per_s']:.2f}"
+            if oip and peer and peer["images_per_s"]
+            else "–"
+        )
         lines.append(f"| {c} | {cell(o)} | {cell(oip)} | {cell(peer)} | {ratio} |")
     lines += [
         "",
