@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--requests", type=int, help="stop after this many measured requests")
     load.add_argument("--warmup", type=float, default=2.0, help="seconds not measured")
     load.add_argument("--images-per-request", type=int, default=1)
+    load.add_argument(
+        "--channels", type=int, default=4, help="connections, spread over the server's workers"
+    )
     load.add_argument("--method", choices=["classify", "localize"], default="classify")
     load.add_argument(
         "--protocol",
@@ -119,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                 concurrency=args.concurrency,
                 seconds=args.seconds,
                 warmup=args.warmup,
+                channels=args.channels,
             )
         else:
             coroutine = run_load(
@@ -132,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                 warmup=args.warmup,
                 images_per_request=args.images_per_request,
                 method=args.method,
+                channels=args.channels,
             )
         result = eventloop.run(coroutine)
         print(result.to_json())

@@ -10,6 +10,7 @@ omission). Only loopback targets are accepted.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import random
 import time
@@ -107,16 +108,23 @@ async def run_load(
     method: str = "classify",
     timeout: float = 30.0,
     seed: int = 0,
+    channels: int = 4,
 ) -> LoadResult:
-    """Closed loop when ``rate`` is None (``concurrency`` callers), else open loop."""
+    """Closed loop when ``rate`` is None (``concurrency`` callers), else open loop. Calls go
+    round-robin over ``channels`` connections, as the SDK's do (a server's workers share
+    its port, and the kernel balances connections)."""
     check_loopback(target)
     requests = build_requests(images, model, images_per_request, method)
     latencies: list[float] = []
     errors: dict[str, int] = {}
     done_in_window = 0
-    async with grpc.aio.insecure_channel(target, options=channel_options()) as channel:
-        call = channel.unary_unary(METHODS[method])
-        await channel.channel_ready()
+    options = [*channel_options(), ("grpc.use_local_subchannel_pool", 1)]
+    pool = [grpc.aio.insecure_channel(target, options=options) for _ in range(channels)]
+    try:
+        calls = [channel.unary_unary(METHODS[method]) for channel in pool]
+        for channel in pool:
+            await channel.channel_ready()
+        turn = itertools.cycle(calls)
         started = time.perf_counter()
         measure_from = started + warmup
         stop_at = measure_from + seconds
@@ -129,7 +137,7 @@ async def run_load(
         async def one(payload: bytes, sent: float) -> None:
             nonlocal done_in_window
             try:
-                await call(payload, timeout=timeout)
+                await next(turn)(payload, timeout=timeout)
                 code = "OK"
             except grpc.aio.AioRpcError as exc:
                 code = exc.code().name
@@ -169,6 +177,9 @@ async def run_load(
             if in_flight:
                 await asyncio.gather(*in_flight)
         window = min(time.perf_counter(), stop_at) - measure_from
+    finally:
+        for channel in pool:
+            await channel.close()
     ok = len(latencies)
     return LoadResult(
         mode="closed" if rate is None else "open",

@@ -42,7 +42,9 @@ async def run_oip_load(
     seconds: float = 10.0,
     warmup: float = 2.0,
     timeout: float = 30.0,
+    channels: int = 4,
 ) -> LoadResult:
+    """Callers share ``channels`` clients (connections), round-robin per call."""
     check_loopback(target.address)
     inputs = []
     for image in images:  # built once: the generator spends its CPU on the wire
@@ -51,7 +53,15 @@ async def run_oip_load(
         inputs.append(tensor)
     latencies: list[float] = []
     errors: dict[str, int] = {}
-    client = triton.InferenceServerClient(target.address)
+    # A connection per client: equal channel arguments would share one.
+    options = [
+        ("grpc.max_send_message_length", 64 * 1024 * 1024),
+        ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+        ("grpc.use_local_subchannel_pool", 1),
+    ]
+    clients = [
+        triton.InferenceServerClient(target.address, channel_args=options) for _ in range(channels)
+    ]
     try:
         started = time.perf_counter()
         measure_from, stop_at = started + warmup, started + warmup + seconds
@@ -61,7 +71,7 @@ async def run_oip_load(
             while time.perf_counter() < stop_at:
                 sent = time.perf_counter()
                 try:
-                    await client.infer(
+                    await clients[i % channels].infer(
                         target.model, [inputs[i % len(inputs)]], client_timeout=timeout
                     )
                     code = "OK"
@@ -77,7 +87,8 @@ async def run_oip_load(
 
         await asyncio.gather(*(caller(k) for k in range(concurrency)))
     finally:
-        await client.close()
+        for client in clients:
+            await client.close()
     ok = len(latencies)
     return LoadResult(
         mode="closed",

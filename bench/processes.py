@@ -68,6 +68,8 @@ class ServerProcess:
             "0",
             "--http-port",
             "0",
+            "--workers",
+            "1",  # one process unless a test or benchmark asks for more (last flag wins)
             "--model-repository",
             str(repository),
             "--log-format",

@@ -23,11 +23,18 @@ def main(argv: list[str] | None = None) -> int:
         print(settings.model_dump_json(indent=2))
         return 0
 
-    from service import eventloop, logs
-    from service.server import serve
+    from service import logs
 
     logs.configure(settings.log_level, settings.log_format)
     try:
+        if settings.worker_count() > 1:
+            # Before anything of gRPC or Prometheus exists in this process: it forks.
+            from service.workers import supervise
+
+            return supervise(settings)
+        from service import eventloop
+        from service.server import serve
+
         eventloop.run(serve(settings))
     except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)

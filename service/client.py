@@ -23,6 +23,7 @@ image within RESOURCE_EXHAUSTED; ``request_id(exc)`` is the id the server logged
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -181,14 +182,29 @@ def read_token_file(path: Path) -> str:
     raise ValueError(f"no token in {path}")
 
 
+DEFAULT_CHANNELS = 4
+
+
 class _Base:
+    """What both clients share: credentials, metadata, and a pool of channels.
+
+    A server with worker processes (``--workers``) shares its port between them, and the
+    kernel balances connections, not calls: a client with one connection reaches one
+    worker. So calls go round-robin over ``channels`` channels, each with a connection of
+    its own (a local subchannel pool; channels with equal arguments would otherwise share
+    one connection).
+    """
+
     def __init__(
         self,
         target: str,
         timeout: float,
         token: str | None,
         server_name: str | None,
+        channels: int,
     ):
+        if channels < 1:
+            raise ValueError("channels must be >= 1")
         self.target = target
         self.timeout = timeout
         self.metadata: list[tuple[str, str]] = []
@@ -197,6 +213,16 @@ class _Base:
         self.options = channel_options()
         if server_name:  # a certificate issued for another name than the target's host
             self.options.append(("grpc.ssl_target_name_override", server_name))
+        if channels > 1:
+            self.options.append(("grpc.use_local_subchannel_pool", 1))
+        self.channel_count = channels
+        self._stubs: list[Any] = []
+        self._next = itertools.cycle(range(channels))
+
+    @property
+    def stub(self) -> Any:
+        """The classifier stub of the next channel (round-robin)."""
+        return self._stubs[next(self._next)]
 
     def _classify_request(
         self, images: Sequence[ImageInput], model: str, version: str, top_k: int
@@ -236,15 +262,18 @@ class ClassifierClient(_Base):
         certificate_chain: Path | None = None,
         private_key: Path | None = None,
         server_name: str | None = None,
+        channels: int = DEFAULT_CHANNELS,
     ):
-        super().__init__(target, timeout, token, server_name)
+        super().__init__(target, timeout, token, server_name, channels)
         credentials = channel_credentials(tls, root_certificates, certificate_chain, private_key)
-        self.channel = (
+        self.channels = [
             grpc.secure_channel(target, credentials, self.options)
             if credentials
             else grpc.insecure_channel(target, self.options)
-        )
-        self.stub = pb_grpc.ImageClassifierStub(self.channel)
+            for _ in range(channels)
+        ]
+        self.channel = self.channels[0]
+        self._stubs = [pb_grpc.ImageClassifierStub(c) for c in self.channels]
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
 
     def classify(
@@ -301,7 +330,8 @@ class ClassifierClient(_Base):
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
 
     def close(self) -> None:
-        self.channel.close()
+        for channel in self.channels:
+            channel.close()
 
     def __enter__(self) -> ClassifierClient:
         return self
@@ -324,15 +354,18 @@ class AsyncClassifierClient(_Base):
         certificate_chain: Path | None = None,
         private_key: Path | None = None,
         server_name: str | None = None,
+        channels: int = DEFAULT_CHANNELS,
     ):
-        super().__init__(target, timeout, token, server_name)
+        super().__init__(target, timeout, token, server_name, channels)
         credentials = channel_credentials(tls, root_certificates, certificate_chain, private_key)
-        self.channel = (
+        self.channels = [
             grpc.aio.secure_channel(target, credentials, self.options)
             if credentials
             else grpc.aio.insecure_channel(target, self.options)
-        )
-        self.stub = pb_grpc.ImageClassifierStub(self.channel)
+            for _ in range(channels)
+        ]
+        self.channel = self.channels[0]
+        self._stubs = [pb_grpc.ImageClassifierStub(c) for c in self.channels]
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
 
     async def classify(
@@ -388,7 +421,8 @@ class AsyncClassifierClient(_Base):
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
 
     async def close(self) -> None:
-        await self.channel.close()
+        for channel in self.channels:
+            await channel.close()
 
     async def __aenter__(self) -> AsyncClassifierClient:
         return self
@@ -502,6 +536,7 @@ def main(argv: list[str] | None = None) -> int:
             certificate_chain=args.cert,
             private_key=args.key,
             server_name=args.server_name,
+            channels=1,  # one call at a time: one connection is enough
         ) as client:
             return _run(client, args)
     except grpc.RpcError as exc:

@@ -41,6 +41,12 @@ def cpu_count() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def _gpu_available() -> bool:
+    from service.runner import available_providers
+
+    return any(p != "CPUExecutionProvider" for p in available_providers())
+
+
 class ConfigError(ValueError):
     """Settings that cannot be used; the message has one line per problem."""
 
@@ -141,6 +147,15 @@ class Settings(BaseSettings):
         ge=0,
         description="a model file modified this recently is watched until it stops changing "
         "before it is loaded (a copy still in progress is never loaded)",
+    )
+
+    # --- processes ------------------------------------------------------------------
+    workers: int = Field(
+        default=0,
+        ge=0,
+        description="server processes on the same ports (0: auto, one per core with the CPU "
+        "provider, one with a GPU provider). Each has its own batcher, ONNX Runtime session "
+        "and its share of the cores; the kernel spreads connections over them",
     )
 
     # --- ONNX Runtime ---------------------------------------------------------------
@@ -308,6 +323,18 @@ class Settings(BaseSettings):
     @property
     def decode_threads(self) -> int:
         return self.preprocess_threads or 2 * cpu_count()
+
+    def worker_count(self) -> int:
+        """``workers``, with 0 resolved: one per core on CPU. With a GPU provider first,
+        one: every worker would hold its own CUDA context and engines (hundreds of MB of
+        device memory each) and split the GPU's batches, and one process already feeds a
+        GPU far faster than it decodes JPEGs on these few cores (unmeasured here: no GPU)."""
+        if self.workers:
+            return self.workers
+        gpu = self.providers[0] in ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+        if gpu and _gpu_available():
+            return 1
+        return cpu_count()
 
     def image_limits(self) -> ImageLimits:
         return ImageLimits(

@@ -656,12 +656,14 @@ class _EmbeddedServer(uvicorn.Server):
 class HttpServer:
     """The HTTP port: bound at creation (``port``), served by ``start()``."""
 
-    def __init__(self, settings: Settings, app: FastAPI):
+    def __init__(self, settings: Settings, app: FastAPI, reuse_port: bool = False):
         self.settings = settings
         host, port = settings.host, int(settings.http_port or 0)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.socket = socket.socket(family, socket.SOCK_STREAM)
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:  # workers share the port; the kernel spreads connections
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         try:
             self.socket.bind((host, port))
         except OSError as exc:

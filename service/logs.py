@@ -11,15 +11,26 @@ import time
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
 
+# Set in a worker process (service.workers): every line says which worker wrote it.
+_worker: int | None = None
+
+
+def set_worker(index: int) -> None:
+    global _worker
+    _worker = index
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        event = {
+        event: dict[str, object] = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname,
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        if _worker is not None:
+            event["worker"] = _worker
         event.update(
             {k: v for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_")}
         )

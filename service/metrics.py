@@ -72,11 +72,15 @@ class Metrics:
             buckets=BATCH_BUCKETS,
             registry=r,
         )
+        # With worker processes (prometheus_client's multiprocess mode) a gauge says how
+        # its workers' values combine: pending images add up; a version is ready if a
+        # live worker serves it.
         self.pending_images = Gauge(
             "classifier_pending_images",
             "images admitted and not yet batched (decoding or queued)",
             ["model", "version"],
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.dropped_images = Counter(
             "classifier_dropped_images",
@@ -89,6 +93,7 @@ class Metrics:
             "1 when the model version serves requests",
             ["model", "version"],
             registry=r,
+            multiprocess_mode="livemax",
         )
         self.model_load_duration = Histogram(
             "classifier_model_load_duration_seconds",

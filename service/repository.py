@@ -44,7 +44,7 @@ from service.config import Settings
 from service.errors import InvalidArgumentError, NotFoundError, UnavailableError
 from service.metrics import Metrics
 from service.model_spec import ModelSpec
-from service.runner import Runner
+from service.runner import Runner, RunnerOptions
 
 log = logging.getLogger(__name__)
 
@@ -146,10 +146,17 @@ def scan(root: Path) -> dict[str, dict[int, Path]]:
 
 
 class ModelRepository:
-    def __init__(self, settings: Settings, metrics: Metrics, executor: Executor):
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        executor: Executor,
+        runner_options: RunnerOptions | None = None,
+    ):
         self.settings = settings
         self.metrics = metrics
         self.executor = executor
+        self.runner_options = runner_options or settings.runner_options()
         self.root = Path(settings.model_repository)
         self._versions: dict[str, dict[int, ModelVersion]] = {}  # READY: what calls see
         self._loading: dict[tuple[str, int], ModelVersion] = {}
@@ -378,7 +385,7 @@ class ModelRepository:
         log.error("model %s version %d failed to load: %s", name, version, error)
 
     def _open(self, path: Path) -> Runner:
-        runner = Runner(path, self.settings.runner_options())
+        runner = Runner(path, self.runner_options)
         s = self.settings
         limit = min(s.max_batch_size, runner.max_batch_size or s.max_batch_size)
         sizes = sorted({1, limit, *[b for b in s.preferred_batch_sizes if b <= limit]})
@@ -466,6 +473,10 @@ class ModelRepository:
             required = set(self.settings.models) - self._unloaded
             return all(self._versions.get(name) for name in required)
         return bool(self._versions)
+
+    def known_names(self) -> set[str]:
+        """The model names that may label metrics (served, loading, failed or configured)."""
+        return set(self._known)
 
     def is_served(self, name: str) -> bool:
         """Whether ``name`` is a model of this repository (so it may label metrics)."""

@@ -48,6 +48,7 @@ class RunnerOptions:
     providers: Sequence[str] = DEFAULT_PROVIDERS
     instances: int = 1
     intra_op_threads: int = 0  # 0: auto (1 for light models on CPU, else the cores)
+    cores: int = 0  # this process's share of the cores (0: all it may use)
     inter_op_threads: int = 1
     # ONNX Runtime's workers spin after each run by default; in a server whose other
     # threads (decoding, gRPC) share the cores, that spinning steals their CPU.
@@ -106,7 +107,7 @@ class Runner:
             raise FileNotFoundError(f"model file {self.path} does not exist")
         self.providers = select_providers(self.options.providers)
         self._sessions: queue.Queue[ort.InferenceSession] = queue.Queue()
-        cores = _cores()
+        cores = self.options.cores or _cores()
         per_instance = max(1, cores // max(1, self.options.instances))
         auto = self.options.intra_op_threads == 0
         self.intra_op_threads = 1 if auto else self.options.intra_op_threads

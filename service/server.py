@@ -26,9 +26,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -36,7 +40,7 @@ from grpc_reflection.v1alpha import reflection
 
 from service.auth import AuthInterceptor, TokenStore
 from service.calls import CallLog
-from service.config import Settings
+from service.config import Settings, cpu_count
 from service.envelope import Envelope
 from service.http import HttpServer, create_app
 from service.inference import RequestPipeline
@@ -61,6 +65,28 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+@dataclass(frozen=True)
+class WorkerRole:
+    """This process is one of ``count`` workers sharing the ports (``service.workers``)."""
+
+    index: int
+    count: int
+    cores: int  # its share of the machine's cores: ONNX Runtime and decode threads
+    status_file: Path  # where it tells the supervisor what it serves
+
+    def write_status(self, serving: bool, repository: ModelRepository) -> None:
+        status = {
+            "index": self.index,
+            "pid": os.getpid(),
+            "serving": serving,
+            "versions": [[e.name, str(e.version)] for e in repository.all_versions()],
+            "models": sorted(repository.known_names()),
+        }
+        temporary = self.status_file.with_suffix(".tmp")
+        temporary.write_text(json.dumps(status))
+        os.replace(temporary, self.status_file)  # the supervisor never reads half a file
+
+
 class ClassifierServer:
     """A bound gRPC server plus everything it owns."""
 
@@ -74,6 +100,7 @@ class ClassifierServer:
         health_servicer: health.aio.HealthServicer,
         pools: list[ThreadPoolExecutor],
         freed: FreedMemory | None = None,
+        role: WorkerRole | None = None,
     ):
         self.settings = settings
         self.grpc_server = grpc_server
@@ -85,6 +112,10 @@ class ClassifierServer:
         self.http: HttpServer | None = None
         self._pools = pools
         self._freed = freed or FreedMemory()
+        self.role = role
+        # A worker's own events are not the server's: the supervisor says "serving" once
+        # every worker is (tests and tools wait for that).
+        self._event = (lambda msg: f"worker {msg}") if role else (lambda msg: msg)
         self._trimmer: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
         self._serving: bool | None = None
@@ -107,7 +138,7 @@ class ClassifierServer:
         if self.settings.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.settings.host, self.settings.metrics_port)
         log.info(
-            "listening",
+            self._event("listening"),
             extra={
                 "grpc_port": self.port,
                 "http_port": self.http.port if self.http else None,
@@ -138,6 +169,8 @@ class ClassifierServer:
         if self.shutting_down:
             return
         serving = self.repository.serving()
+        if self.role is not None:
+            self.role.write_status(serving, self.repository)
         if serving == self._serving:
             return  # Watch streams are told of changes only
         self._serving = serving
@@ -145,7 +178,10 @@ class ClassifierServer:
         if serving:
             self._ready.set()
             ready = self.repository.ready_versions()
-            log.info("serving", extra={"models": [f"{v.name}/{v.version}" for v in ready]})
+            log.info(
+                self._event("serving"),
+                extra={"models": [f"{v.name}/{v.version}" for v in ready]},
+            )
         else:
             self._ready.clear()
             log.error("not every model has a ready version; health is NOT_SERVING")
@@ -189,13 +225,17 @@ class ClassifierServer:
         await self.grpc_server.wait_for_termination()
 
 
-def server_options(settings: Settings) -> list[tuple[str, int]]:
-    """gRPC channel arguments from the settings: message sizes, keepalive, connection age."""
+def server_options(settings: Settings, reuse_port: bool = False) -> list[tuple[str, int]]:
+    """gRPC channel arguments from the settings: message sizes, keepalive, connection age.
+
+    SO_REUSEPORT only for workers, which share the port on purpose; a lone server must
+    fail to start when its port is taken, not share it with a stranger.
+    """
     s = settings
     options = [
         ("grpc.max_receive_message_length", s.max_receive_message_bytes),
         ("grpc.max_send_message_length", s.max_send_message_bytes),
-        ("grpc.so_reuseport", 0),
+        ("grpc.so_reuseport", int(reuse_port)),
         ("grpc.keepalive_time_ms", int(s.keepalive_time_seconds * 1000)),
         ("grpc.keepalive_timeout_ms", int(s.keepalive_timeout_seconds * 1000)),
         ("grpc.keepalive_permit_without_calls", 1),
@@ -215,14 +255,19 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
     return options
 
 
-async def create_server(settings: Settings) -> tuple[ClassifierServer, int]:
+async def create_server(
+    settings: Settings, role: WorkerRole | None = None
+) -> tuple[ClassifierServer, int]:
     """Build and bind the server (port 0 picks a free one); ``start()`` it to serve."""
     metrics = Metrics()
-    preprocess_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="preprocess")
+    cores = role.cores if role else cpu_count()
+    decode_threads = settings.preprocess_threads or 2 * cores
+    preprocess_pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="preprocess")
     inference_pool = ThreadPoolExecutor(
         max(2, settings.instances * 4), thread_name_prefix="inference"
     )
-    repository = ModelRepository(settings, metrics, inference_pool)
+    runner_options = replace(settings.runner_options(), cores=cores)
+    repository = ModelRepository(settings, metrics, inference_pool, runner_options)
     pipeline = RequestPipeline(settings, metrics, preprocess_pool)
     envelope = Envelope(CallLog(settings, metrics, repository.is_served))
     servicer = ImageClassifierServicer(settings, repository, pipeline, envelope)
@@ -233,7 +278,9 @@ async def create_server(settings: Settings) -> tuple[ClassifierServer, int]:
     interceptors = (
         [AuthInterceptor(tokens, envelope.refuse_unauthenticated)] if tokens.enabled else []
     )
-    grpc_server = grpc.aio.server(interceptors=interceptors, options=server_options(settings))
+    grpc_server = grpc.aio.server(
+        interceptors=interceptors, options=server_options(settings, reuse_port=role is not None)
+    )
     server = ClassifierServer(
         settings,
         grpc_server,
@@ -243,6 +290,7 @@ async def create_server(settings: Settings) -> tuple[ClassifierServer, int]:
         health.aio.HealthServicer(),
         [preprocess_pool, inference_pool],
         pipeline.freed,
+        role,
     )
     pb_grpc.add_ImageClassifierServicer_to_server(servicer, grpc_server)
     inference = InferenceServicer(settings, repository, pipeline, envelope, server.is_ready)
@@ -278,16 +326,16 @@ async def create_server(settings: Settings) -> tuple[ClassifierServer, int]:
             settings, repository, pipeline, envelope.calls, tokens, inference, server.is_ready
         )
         try:
-            server.http = HttpServer(settings, app)
+            server.http = HttpServer(settings, app, reuse_port=role is not None)
         except ValueError as exc:  # unusable TLS files
             raise OSError(str(exc)) from None
     return server, port
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: Settings, role: WorkerRole | None = None) -> None:
     """Run until SIGTERM/SIGINT, then shut down gracefully."""
     configure_allocator()  # before the first large decode: see service.memory
-    server, _ = await create_server(settings)
+    server, _ = await create_server(settings, role)
     await server.start()
     stop = asyncio.Event()
 

@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("grpc engine")
     g.add_argument("--target", default="localhost:50051")
     g.add_argument("--concurrency", type=int, default=8, help="requests in flight")
+    g.add_argument(
+        "--channels", type=int, default=4, help="connections (spread over the server's workers)"
+    )
     g.add_argument("--images-per-request", type=int, default=16)
     g.add_argument("--timeout", type=float, default=120.0)
     g.add_argument(
@@ -124,6 +127,7 @@ def make_engine(args: argparse.Namespace):  # type: ignore[no-untyped-def]
             private_key=args.key,
             server_name=args.server_name,
             retry_seconds=args.retry_seconds,
+            channels=args.channels,
         )
     model_path = resolve_model_path(args.model)
     if args.engine == "ray":

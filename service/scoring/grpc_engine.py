@@ -96,6 +96,7 @@ class GrpcEngine:
         private_key: Path | None = None,
         server_name: str | None = None,
         retry_seconds: float = 300.0,
+        channels: int = 4,
     ):
         self.client = ClassifierClient(
             target,
@@ -106,6 +107,7 @@ class GrpcEngine:
             certificate_chain=certificate_chain,
             private_key=private_key,
             server_name=server_name,
+            channels=channels,  # connections spread over the server's worker processes
         )
         self.retry_seconds = retry_seconds
         name, version = parse_model(model)
