@@ -222,11 +222,12 @@ class Settings(BaseSettings):
         "refused with RESOURCE_EXHAUSTED (retry later)",
     )
     jpeg_draft_factor: float = Field(
-        default=2.0,
+        default=0.0,
         ge=0,
-        description="decode JPEGs at 1/2, 1/4 or 1/8 scale while both sides stay >= this "
-        "many times the resize target (0: always full size; 1 is faster, but drifts from "
-        "training's full-size resize)",
+        description="for models whose ModelSpec decodes fully: decode JPEGs at 1/2, 1/4 or "
+        "1/8 scale while both sides stay >= this many times the resize target (0: never, "
+        "as they were evaluated). Models exported with decode 'jpeg_draft' always decode at "
+        "the smallest scale that covers the target",
     )
     preprocess_threads: int = Field(
         default=0,

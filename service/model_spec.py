@@ -48,6 +48,19 @@ class ResizeMode(StrEnum):
     STRETCH = "stretch"
 
 
+class DecodeMode(StrEnum):
+    """How encoded images are decoded before the resize, in serving and evaluation alike.
+
+    full:       every pixel.
+    jpeg_draft: JPEGs at the smallest DCT scale (1, 1/2, 1/4 or 1/8) whose image still
+                covers the resize target on both sides — a fraction of the decoding for
+                photos much larger than the model's input. Other formats decode fully.
+    """
+
+    FULL = "full"
+    JPEG_DRAFT = "jpeg_draft"
+
+
 class Interpolation(StrEnum):
     NEAREST = "nearest"
     BILINEAR = "bilinear"
@@ -73,6 +86,8 @@ class Preprocessing(_Strict):
     resize_size: int = Field(gt=0, description="center_crop: shorter side before the crop")
     interpolation: Interpolation = Interpolation.BILINEAR
     pad_value: int = Field(default=114, ge=0, le=255, description="letterbox fill")
+    # Models exported before this field decode fully, as they were evaluated.
+    decode: DecodeMode = DecodeMode.FULL
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 

@@ -28,7 +28,7 @@ from service.errors import (
     ResourceExhaustedError,
     ServiceError,
 )
-from service.model_spec import Interpolation, ModelSpec, Preprocessing, ResizeMode
+from service.model_spec import DecodeMode, Interpolation, ModelSpec, Preprocessing, ResizeMode
 
 T = TypeVar("T")
 
@@ -66,10 +66,11 @@ class ImageLimits:
     # Longer side over shorter side. A 1x40000 image cannot be centre-cropped or
     # letterboxed sensibly, and its resize plan would be enormous.
     max_aspect_ratio: float = 20.0
-    # JPEG draft mode lets libjpeg decode at 1/2, 1/4 or 1/8 scale. It is used only when
-    # the reduced image is still at least this many times the resize target on each side,
-    # so the final antialiased resize still has real pixels to work from. 0 disables it.
-    jpeg_draft_factor: float = 2.0
+    # For models whose ModelSpec decodes fully: decode JPEGs at 1/2, 1/4 or 1/8 scale when
+    # the reduced image is still this many times the resize target on each side (0: never,
+    # the default, which keeps evaluation's pixels). Models that say ``decode: jpeg_draft``
+    # always decode at the smallest scale covering the target, as they were evaluated.
+    jpeg_draft_factor: float = 0.0
 
 
 # What training and evaluation use: no limits a real dataset could hit.
@@ -295,15 +296,18 @@ def open_image(
     limits: ImageLimits,
     draft_target: Callable[[int, int], tuple[int, int]] | None = None,
     index: int | None = None,
+    draft_factor: float | None = None,
 ) -> Image.Image:
     """Decode encoded bytes to an upright RGB image, enforcing the byte and shape limits.
 
     ``draft_target`` maps the (width, height) from the header to the size the image will be
-    resized to; JPEGs much larger than that are decoded at a reduced scale.
+    resized to; JPEGs at least ``draft_factor`` (default: the limits') times larger than
+    that are decoded at a reduced scale.
     """
     image = _open_header(data, limits, index)
+    factor = limits.jpeg_draft_factor if draft_factor is None else draft_factor
     try:
-        orientation = _prepare_decode(image, limits, draft_target)
+        orientation = _prepare_decode(image, draft_target, factor)
         rgb = _decode_upright_rgb(image, orientation, index)
     except BaseException:
         image.close()
@@ -315,8 +319,8 @@ def open_image(
 
 def _prepare_decode(
     image: Image.Image,
-    limits: ImageLimits,
     draft_target: Callable[[int, int], tuple[int, int]] | None,
+    factor: float,
 ) -> int | None:
     """The JPEG draft scale (which shrinks ``image.size``), before any pixel is decoded.
 
@@ -328,9 +332,9 @@ def _prepare_decode(
     if image.format not in ("JPEG", "MPO"):
         return None
     orientation = _orientation(image)
-    if draft_target is not None:
+    if draft_target is not None and factor > 0:
         target = draft_target(*image.size)
-        _apply_draft(image, target, orientation, limits.jpeg_draft_factor)
+        _apply_draft(image, target, orientation, factor)
     return orientation
 
 
@@ -354,12 +358,38 @@ def resize_target_for(spec: ModelSpec) -> Callable[[int, int], tuple[int, int]]:
     Used only to choose a JPEG draft scale; the exact resize is recomputed from the decoded
     size, so a draft-reduced image goes through the same policy.
     """
+    return _resize_target(spec.preprocessing, spec.input.height, spec.input.width)
 
+
+def _resize_target(
+    prep: Preprocessing, in_h: int, in_w: int
+) -> Callable[[int, int], tuple[int, int]]:
     def target(width: int, height: int) -> tuple[int, int]:
-        g = plan_geometry(width, height, spec.preprocessing, spec.input.height, spec.input.width)
+        g = plan_geometry(width, height, prep, in_h, in_w)
         return g.resized_width, g.resized_height
 
     return target
+
+
+def draft_factor_for(prep: Preprocessing, limits: ImageLimits) -> float:
+    """How far above the resize target a JPEG's reduced decode must stay (0: no draft)."""
+    return 1.0 if prep.decode == DecodeMode.JPEG_DRAFT else limits.jpeg_draft_factor
+
+
+def decode_for_model(
+    data: bytes,
+    prep: Preprocessing,
+    in_h: int,
+    in_w: int,
+    limits: ImageLimits,
+    index: int | None = None,
+) -> Image.Image:
+    """Encoded bytes → the upright RGB image the resize starts from, decoded as the
+    model's ModelSpec says. Serving (through ``preprocess_encoded``), evaluation and the
+    export's checks all decode with this, so they see the same pixels by construction."""
+    return open_image(
+        data, limits, _resize_target(prep, in_h, in_w), index, draft_factor_for(prep, limits)
+    )
 
 
 def resize_to_input(
@@ -419,7 +449,8 @@ def preprocess_encoded(
     """
     image = _open_header(data, limits, index)
     try:
-        orientation = _prepare_decode(image, limits, resize_target_for(spec))
+        factor = draft_factor_for(spec.preprocessing, limits)
+        orientation = _prepare_decode(image, resize_target_for(spec), factor)
         width, height = image.size
         with _reserved(budget, width * height, deadline, index):
             # Every image is closed inside the reservation: the budget is only given
@@ -473,8 +504,16 @@ def preprocess_raw(
 
 
 def load_rgb(path: str, limits: ImageLimits | None = None) -> Image.Image:
-    """Read an image file as upright RGB with the serving loader (no draft, no size cap
-    beyond the limits given). Training and evaluation use this so they see what serving sees."""
+    """Read an image file as upright RGB with the serving loader, fully decoded (no size cap
+    beyond the limits given). Training reads its images with this."""
     with open(path, "rb") as handle:
         data = handle.read()
     return open_image(data, limits or UNLIMITED)
+
+
+def load_for_model(path: str, prep: Preprocessing, in_h: int, in_w: int) -> Image.Image:
+    """Read an image file as the model's serving path decodes it (``decode_for_model``):
+    what evaluation and the export's checks feed the eval transform."""
+    with open(path, "rb") as handle:
+        data = handle.read()
+    return decode_for_model(data, prep, in_h, in_w, UNLIMITED)

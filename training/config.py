@@ -10,7 +10,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from service.model_spec import Interpolation, Preprocessing, ResizeMode, Task
+from service.model_spec import DecodeMode, Interpolation, Preprocessing, ResizeMode, Task
 from training.models import BACKBONES
 from training.presets import AugmentConfig
 
@@ -40,6 +40,11 @@ class TrainConfig(BaseModel):
     crop_fraction: float = Field(default=0.875, gt=0, le=1)
     interpolation: Interpolation = Interpolation.BILINEAR
     pad_value: int = Field(default=114, ge=0, le=255)
+    jpeg_draft: bool = Field(
+        default=True,
+        description="evaluate (and so serve) JPEGs decoded at the smallest DCT scale that "
+        "covers the input: the ModelSpec records it, so serving decodes the same way",
+    )
 
     augment: AugmentConfig = AugmentConfig()
 
@@ -111,6 +116,7 @@ class TrainConfig(BaseModel):
             resize_size=resize,
             interpolation=self.interpolation,
             pad_value=self.pad_value,
+            decode=DecodeMode.JPEG_DRAFT if self.jpeg_draft else DecodeMode.FULL,
         )
 
     @classmethod

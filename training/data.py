@@ -29,7 +29,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
-from service.preprocess import load_rgb
+from service.model_spec import Preprocessing
+from service.preprocess import load_for_model, load_rgb
 
 log = logging.getLogger(__name__)
 
@@ -206,6 +207,12 @@ def load_dataset(
     return index
 
 
+def eval_decoder(prep: Preprocessing, height: int, width: int) -> Callable[[str], Image.Image]:
+    """The decoder of evaluation: serving's (``service.preprocess.decode_for_model``), so
+    the pixels evaluated are the pixels served, JPEG draft scale included."""
+    return lambda path: load_for_model(path, prep, height, width)
+
+
 class ImageDataset(Dataset):
     """Samples → (uint8 CHW tensor, label, normalised xyxy box or NaNs), transformed.
 
@@ -221,11 +228,14 @@ class ImageDataset(Dataset):
         transform: Callable[..., Any],
         with_boxes: bool,
         cache: Literal["none", "decoded", "output"] = "none",
+        decode: Callable[[str], Image.Image] = load_rgb,
     ):
         self.samples = samples
         self.transform = transform
         self.with_boxes = with_boxes
         self.cache = cache
+        # Evaluation decodes as serving does (``eval_decoder``); training, fully.
+        self.decode = decode
         self._decoded: dict[int, Image.Image] = {}
         self._outputs: dict[int, tuple[torch.Tensor, int, torch.Tensor] | None] = {}
 
@@ -242,7 +252,7 @@ class ImageDataset(Dataset):
     def _decode(self, i: int) -> Image.Image:
         if self.cache == "decoded" and i in self._decoded:
             return self._decoded[i]
-        image = load_rgb(str(self.samples[i].path))
+        image = self.decode(str(self.samples[i].path))
         if self.cache == "decoded":
             self._decoded[i] = image
         return image

@@ -20,7 +20,7 @@ from service.pipeline import run_pipeline
 from service.postprocess import cam_box, regression_box
 from service.runner import CPU, Runner, RunnerOptions
 from training.checkpoint import model_from_checkpoint
-from training.data import ImageDataset, collate_skipping_failures, load_dataset
+from training.data import ImageDataset, collate_skipping_failures, eval_decoder, load_dataset
 from training.metrics import compute_metrics
 from training.models import InputNormalize
 from training.presets import eval_transform
@@ -45,6 +45,7 @@ def evaluate_checkpoint(
         index.splits[split].samples,
         eval_transform(loaded.preprocessing, h, w),
         with_boxes=index.with_boxes,
+        decode=eval_decoder(loaded.preprocessing, h, w),
     )
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_skipping_failures)
     dev = resolve_device(device)

@@ -37,11 +37,19 @@ import onnx
 import torch
 from torch import nn
 
-from service.model_spec import METADATA_KEY, InputSpec, ModelSpec, OutputSpec, Precision, Task
-from service.preprocess import load_rgb
+from service.model_spec import (
+    METADATA_KEY,
+    DecodeMode,
+    InputSpec,
+    ModelSpec,
+    OutputSpec,
+    Precision,
+    Task,
+)
 from service.runner import CPU, Runner, RunnerOptions
 from training.checkpoint import LoadedModel, file_sha256, model_from_checkpoint
-from training.data import load_dataset
+from training.data import eval_decoder, load_dataset
+from training.decode_gate import measure_decode_gate, with_decode
 from training.evaluate import evaluate_onnx
 from training.models import ImageModel, InputNormalize
 from training.presets import eval_transform
@@ -83,6 +91,10 @@ class ExportOptions:
     max_int8_drop: float = 0.01  # top-1, as a fraction
     accept_drop: bool = False
     example_batch: int = 2
+    # The gate for a checkpoint trained with ``jpeg_draft`` (training/decode_gate.py).
+    full_decode: bool = False  # skip the gate: always write ``decode: full``
+    decode_min_agreement: float = 0.995
+    decode_max_top1_change: float = 0.002  # top-1, as a fraction
 
 
 @dataclass
@@ -196,9 +208,8 @@ def parity_batch(loaded: LoadedModel, data: Path, n: int, split: str = "val") ->
     step = max(1, len(samples) // n)
     h, w = loaded.input_size
     transform = eval_transform(loaded.preprocessing, h, w)
-    images = [
-        transform(load_rgb(str(s.path))).permute(1, 2, 0).numpy() for s in samples[::step][:n]
-    ]
+    decode = eval_decoder(loaded.preprocessing, h, w)
+    images = [transform(decode(str(s.path))).permute(1, 2, 0).numpy() for s in samples[::step][:n]]
     return np.ascontiguousarray(np.stack(images))
 
 
@@ -328,6 +339,9 @@ def export_checkpoint(checkpoint: Path, options: ExportOptions) -> ExportResult:
         images = parity_batch(loaded, data, options.parity_images)
         parity = check_parity(graph, path, images, outputs, options.tolerance)
         log.info("parity fp32: %s", parity)
+        # Before the ONNX metrics, so they are measured with the decode that is served.
+        spec = _gate_decode(path, data, spec, options)
+        write_metadata(path, spec)
         fp32_metrics = evaluate_onnx(path, data)
         spec = _with_metrics(spec, fp32_metrics, prefix="onnx_")
         if options.precision is Precision.FP16:
@@ -342,6 +356,38 @@ def export_checkpoint(checkpoint: Path, options: ExportOptions) -> ExportResult:
         _publish(staging, path, final_dir)
     log.info("exported %s version %d to %s", options.name, version, final_dir)
     return ExportResult(path=final_dir / MODEL_FILE, version=version, spec=spec, parity=parity)
+
+
+def _gate_decode(path: Path, data: Path, spec: ModelSpec, options: ExportOptions) -> ModelSpec:
+    """Keep ``decode: jpeg_draft`` only if it leaves the model's answers as they were."""
+    if spec.preprocessing.decode is not DecodeMode.JPEG_DRAFT:
+        return spec
+    if options.full_decode:
+        log.info("decode: full (asked for)")
+        return with_decode(spec, DecodeMode.FULL)
+    gate = measure_decode_gate(
+        path,
+        data,
+        min_agreement=options.decode_min_agreement,
+        max_top1_change=options.decode_max_top1_change,
+    )
+    spec = spec.model_copy(update={"metrics": {**spec.metrics, **gate.metrics()}})
+    summary = (
+        f"JPEG draft decode vs full decode on {gate.images} val images "
+        f"({gate.drafted} decoded at a reduced scale): top-1 agreement {gate.agreement:.2%}, "
+        f"top-1 {gate.top1_draft:.2%} vs {gate.top1_full:.2%}"
+    )
+    if gate.passed:
+        log.info("decode: jpeg_draft. %s", summary)
+        return spec
+    log.warning(
+        "decode: full, because the draft decode changes this model's answers. %s "
+        "(the gate: agreement >= %.1f%%, top-1 change <= %.1f pt)",
+        summary,
+        gate.min_agreement * 100,
+        gate.max_top1_change * 100,
+    )
+    return with_decode(spec, DecodeMode.FULL)
 
 
 def _with_metrics(spec: ModelSpec, metrics: dict[str, Any], prefix: str) -> ModelSpec:

@@ -36,7 +36,13 @@ from tqdm import tqdm
 from service.model_spec import Task
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import TrainConfig
-from training.data import DatasetIndex, ImageDataset, collate_skipping_failures, load_dataset
+from training.data import (
+    DatasetIndex,
+    ImageDataset,
+    collate_skipping_failures,
+    eval_decoder,
+    load_dataset,
+)
 from training.metrics import compute_metrics, summary
 from training.models import ImageModel, InputNormalize, build_model
 from training.plots import plot_confusion, plot_curves, write_per_class
@@ -87,6 +93,7 @@ def make_loaders(
         eval_transform(prep, size, size),
         with_boxes,
         cache="output" if cfg.cache_images else "none",
+        decode=eval_decoder(prep, size, size),
     )
     generator = torch.Generator()
     sampler = None

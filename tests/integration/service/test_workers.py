@@ -103,7 +103,14 @@ def test_a_killed_worker_is_replaced_and_the_server_keeps_answering(
     image = photo(quick_model)
     victim = worker_pids(server)[1]
     os.kill(victim, signal.SIGKILL)
-    # Fresh connections reach the live worker (the kernel no longer routes to the dead one).
+    # Until the kernel has closed the dead worker's listening socket, a connection it routed
+    # there is reset (that is SO_REUSEPORT: clients retry). Once the supervisor has reaped it,
+    # fresh connections reach the live worker only.
+    wait_for(
+        lambda: any("exited with -9; restarting" in m for m in server.messages()),
+        15,
+        "the supervisor to reap worker 1",
+    )
     assert set(classify_on_fresh_connections(server, image, 10)) == {"1"}
     wait_for(lambda: worker_pids(server)[1] != victim, 15, "worker 1 to be restarted")
     wait_for(
@@ -111,7 +118,6 @@ def test_a_killed_worker_is_replaced_and_the_server_keeps_answering(
         30,
         "the new worker to serve",
     )
-    assert any("exited with -9; restarting" in m for m in server.messages())
     assert series_total(server, "classifier_worker_restarts_total") == 1
     with server.client(channels=4) as client:
         assert client.health() == "SERVING"

@@ -10,7 +10,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from service.model_spec import METADATA_KEY, ModelSpec, ModelSpecError, Precision
+from service.model_spec import METADATA_KEY, DecodeMode, ModelSpec, ModelSpecError, Precision
 from service.runner import Runner
 from tests.conftest import tiny_train_config
 from training.config import TrainConfig
@@ -150,6 +150,24 @@ def test_int8_gate_refuses_then_accepts(checkpoints: dict[str, Path], tmp_path: 
     ops = {node.op_type for node in onnx.load(str(result.path)).graph.node}
     assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
     assert session.get_inputs()[0].type == "tensor(uint8)"
+
+
+def test_the_decode_gate_keeps_draft_decode_only_when_it_passes(
+    checkpoints: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ckpt = checkpoints["mobilenet_v3_small"]
+    base = ExportOptions(repository=tmp_path, name="d")
+    kept = export_checkpoint(ckpt, base)
+    assert kept.spec.preprocessing.decode is DecodeMode.JPEG_DRAFT  # training's default
+    assert kept.spec.metrics["decode_gate_images"] == 40
+    assert kept.spec.metrics["decode_gate_agreement"] == 1.0
+    refused = export_checkpoint(ckpt, replace(base, decode_min_agreement=1.01))
+    assert Runner(refused.path).spec.preprocessing.decode is DecodeMode.FULL  # in the file
+    assert "decode_gate_agreement" in refused.spec.metrics
+    assert any("decode: full, because" in r.getMessage() for r in caplog.records)
+    asked = export_checkpoint(ckpt, replace(base, full_decode=True))
+    assert asked.spec.preprocessing.decode is DecodeMode.FULL
+    assert "decode_gate_agreement" not in asked.spec.metrics
 
 
 def test_fp16_export_keeps_uint8_in_and_float32_out(

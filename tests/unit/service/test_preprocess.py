@@ -13,7 +13,7 @@ from PIL import Image
 
 from service.decode_budget import DecodeBudget
 from service.errors import InvalidImageError, LimitExceededError
-from service.model_spec import InputSpec, ModelSpec, Preprocessing, ResizeMode, Task
+from service.model_spec import DecodeMode, InputSpec, ModelSpec, Preprocessing, ResizeMode, Task
 from service.preprocess import (
     ImageLimits,
     open_image,
@@ -152,12 +152,12 @@ def test_jpeg_draft_mode_decodes_large_images_smaller_but_alike() -> None:
     big = gradient(1600, 1200).resize((1600, 1200))
     data = encode(big, "JPEG", quality=95)
     target = resize_target_for(spec(ResizeMode.STRETCH, 64))
-    drafted = open_image(data, LIMITS, target)
+    drafted = open_image(data, LIMITS, target, draft_factor=2.0)
     assert drafted.size[0] < 1600  # libjpeg decoded at a reduced scale
-    fast, _ = preprocess_encoded(data, spec(ResizeMode.STRETCH, 64), LIMITS)
-    exact, _ = preprocess_encoded(
-        data, spec(ResizeMode.STRETCH, 64), ImageLimits(jpeg_draft_factor=0)
+    fast, _ = preprocess_encoded(
+        data, spec(ResizeMode.STRETCH, 64), ImageLimits(jpeg_draft_factor=2)
     )
+    exact, _ = preprocess_encoded(data, spec(ResizeMode.STRETCH, 64), LIMITS)
     assert np.abs(fast.astype(int) - exact.astype(int)).mean() <= 1.5
 
 
@@ -220,10 +220,20 @@ def test_the_budget_is_asked_for_the_draft_reduced_size() -> None:
 
     data = encode(gradient(1600, 1200), "JPEG", quality=90)
     budget = Recorder(10**9)
+    draft = spec(ResizeMode.STRETCH, 64)
+    draft = draft.model_copy(
+        update={
+            "preprocessing": draft.preprocessing.model_copy(
+                update={"decode": DecodeMode.JPEG_DRAFT}
+            )
+        }
+    )
+    preprocess_encoded(data, draft, LIMITS, budget=budget)
     preprocess_encoded(data, spec(ResizeMode.STRETCH, 64), LIMITS, budget=budget)
-    preprocess_encoded(encode(gradient(160, 120), "PNG"), spec(), LIMITS, budget=budget)
-    assert asked[0] < 1600 * 1200 // 4  # decoded at 1/4 scale or less
-    assert asked[1] == 160 * 120
+    preprocess_encoded(encode(gradient(160, 120), "PNG"), draft, LIMITS, budget=budget)
+    assert asked[0] <= 1600 * 1200 // 64  # a jpeg_draft model: decoded at 1/8 scale
+    assert asked[1] == 1600 * 1200  # a full-decode model: as it was evaluated
+    assert asked[2] == 160 * 120
 
 
 def test_png_orientation_is_still_applied() -> None:
