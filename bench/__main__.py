@@ -61,9 +61,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("--repository", type=Path, default=Path("models"))
     report.add_argument(
-        "--concurrency", default="1,4,8,16,32", help="closed-loop callers, comma-separated"
+        "--concurrency", default="1,8,16,32", help="closed-loop callers, comma-separated"
     )
     report.add_argument("--seconds", type=float, default=15.0, help="per measurement")
+    report.add_argument("--warmup", type=float, default=3.0, help="seconds before each")
+    report.add_argument(
+        "--workers",
+        default="1,auto",
+        help="server worker counts to measure, comma-separated (auto: one per core); the "
+        "last one also serves the OIP, batched and Triton comparisons",
+    )
+    report.add_argument("--channels", type=int, default=4, help="connections per client")
     report.add_argument(
         "--peer-venv",
         type=Path,

@@ -28,11 +28,15 @@ class LimitResult:
     best_batch: int
     best_images_per_s: float
     batch1_latency_ms: dict[str, float]
+    # CPU (this process, all threads) per image at each batch size, and at the best one.
+    cpu_ms_per_image_by_batch: dict[int, float]
+    cpu_ms_per_image: float
 
     def summary(self) -> str:
         lat = self.batch1_latency_ms
         return (
-            f"limit: {self.best_images_per_s:.1f} img/s at batch {self.best_batch}; "
+            f"limit: {self.best_images_per_s:.1f} img/s at batch {self.best_batch}, "
+            f"cpu {self.cpu_ms_per_image:.2f} ms/img; "
             f"batch-1 latency p50 {lat['p50']:.2f} ms p99 {lat['p99']:.2f} ms"
         )
 
@@ -58,9 +62,11 @@ def measure_limit(
     runner.warmup(sorted(set(batch_sizes)))
     limits = settings.image_limits()
     throughput: dict[int, float] = {}
+    cpu_ms: dict[int, float] = {}
     for batch in batch_sizes:
         count = 0
         started = time.perf_counter()
+        cpu_started = time.process_time()
         while time.perf_counter() - started < seconds:
             stream = (images[i % len(images)] for i in range(batch * 8))
             for outcome in run_pipeline(
@@ -70,6 +76,7 @@ def measure_limit(
                 top_k(outcome.outputs[spec.outputs.probabilities], 5, labels)
                 count += 1
         throughput[batch] = count / (time.perf_counter() - started)
+        cpu_ms[batch] = (time.process_time() - cpu_started) * 1000 / count
     latencies = []
     for i in range(latency_samples):
         started = time.perf_counter()
@@ -83,6 +90,8 @@ def measure_limit(
         images_per_s_by_batch={b: round(v, 1) for b, v in throughput.items()},
         best_batch=best,
         best_images_per_s=throughput[best],
+        cpu_ms_per_image_by_batch={b: round(v, 3) for b, v in cpu_ms.items()},
+        cpu_ms_per_image=round(cpu_ms[best], 3),
         batch1_latency_ms={
             "p50": float(np.percentile(ms, 50)),
             "p90": float(np.percentile(ms, 90)),

@@ -14,6 +14,7 @@ import itertools
 import json
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -43,20 +44,58 @@ class LoadResult:
     images_per_s: float
     latency_ms: dict[str, float]
     errors: dict[str, int] = field(default_factory=dict)
+    # The server's CPU per answered image in the measured window (``cpu_probe``).
+    cpu_ms_per_image: float | None = None
 
     def summary(self) -> str:
         lat = self.latency_ms
         errors = sum(self.errors.values())
         load = f"c={self.concurrency}" if self.mode == "closed" else f"rate={self.target_rate}/s"
+        cpu = "" if self.cpu_ms_per_image is None else f"  cpu {self.cpu_ms_per_image:.2f} ms/img"
         return (
             f"{self.mode} {load} x{self.images_per_request}: {self.images_per_s:.1f} img/s "
             f"{self.requests_per_s:.1f} req/s  p50 {lat.get('p50', 0):.2f} ms  "
             f"p90 {lat.get('p90', 0):.2f}  p99 {lat.get('p99', 0):.2f}  "
-            f"max {lat.get('max', 0):.2f}  errors {errors}"
+            f"max {lat.get('max', 0):.2f}  errors {errors}{cpu}"
         )
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
+
+
+CpuProbe = Callable[[], float]  # CPU seconds the measured server has used so far
+
+
+class CpuWindow:
+    """The server's CPU seconds over the measured window: sampled when the warm-up ends
+    and when the window closes (or when the load stops first)."""
+
+    def __init__(self, probe: CpuProbe | None, measure_from: float, stop_at: float):
+        self.probe = probe
+        self._start: float | None = None
+        self._end: float | None = None
+        self._task = (
+            asyncio.get_running_loop().create_task(self._sample(measure_from, stop_at))
+            if probe is not None
+            else None
+        )
+
+    async def _sample(self, measure_from: float, stop_at: float) -> None:
+        assert self.probe is not None
+        await asyncio.sleep(max(0.0, measure_from - time.perf_counter()))
+        self._start = self.probe()
+        await asyncio.sleep(max(0.0, stop_at - time.perf_counter()))
+        self._end = self.probe()
+
+    async def ms_per_image(self, images: int) -> float | None:
+        if self._task is None or self.probe is None:
+            return None
+        if not self._task.done():
+            self._task.cancel()
+            self._end = self.probe()
+        if self._start is None or self._end is None or images == 0:
+            return None
+        return round((self._end - self._start) * 1000 / images, 3)
 
 
 def check_loopback(target: str) -> None:
@@ -109,6 +148,7 @@ async def run_load(
     timeout: float = 30.0,
     seed: int = 0,
     channels: int = 4,
+    cpu_probe: CpuProbe | None = None,
 ) -> LoadResult:
     """Closed loop when ``rate`` is None (``concurrency`` callers), else open loop. Calls go
     round-robin over ``channels`` connections, as the SDK's do (a server's workers share
@@ -128,6 +168,7 @@ async def run_load(
         started = time.perf_counter()
         measure_from = started + warmup
         stop_at = measure_from + seconds
+        cpu = CpuWindow(cpu_probe, measure_from, stop_at)
 
         def finished() -> bool:
             return time.perf_counter() >= stop_at or (
@@ -177,6 +218,7 @@ async def run_load(
             if in_flight:
                 await asyncio.gather(*in_flight)
         window = min(time.perf_counter(), stop_at) - measure_from
+        cpu_ms = await cpu.ms_per_image(len(latencies) * images_per_request)
     finally:
         for channel in pool:
             await channel.close()
@@ -193,4 +235,5 @@ async def run_load(
         images_per_s=ok * images_per_request / window if window > 0 else 0.0,
         latency_ms=percentiles(latencies),
         errors=errors,
+        cpu_ms_per_image=cpu_ms,
     )

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import tritonclient.grpc.aio as triton
 
-from bench.load import LoadResult, check_loopback, percentiles
+from bench.load import CpuProbe, CpuWindow, LoadResult, check_loopback, percentiles
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,7 @@ async def run_oip_load(
     warmup: float = 2.0,
     timeout: float = 30.0,
     channels: int = 4,
+    cpu_probe: CpuProbe | None = None,
 ) -> LoadResult:
     """Callers share ``channels`` clients (connections), round-robin per call."""
     check_loopback(target.address)
@@ -65,6 +66,7 @@ async def run_oip_load(
     try:
         started = time.perf_counter()
         measure_from, stop_at = started + warmup, started + warmup + seconds
+        cpu = CpuWindow(cpu_probe, measure_from, stop_at)
 
         async def caller(k: int) -> None:
             i = k
@@ -86,6 +88,7 @@ async def run_oip_load(
                 i += concurrency
 
         await asyncio.gather(*(caller(k) for k in range(concurrency)))
+        cpu_ms = await cpu.ms_per_image(len(latencies))
     finally:
         for client in clients:
             await client.close()
@@ -102,4 +105,5 @@ async def run_oip_load(
         images_per_s=ok / seconds,
         latency_ms=percentiles(latencies),
         errors=errors,
+        cpu_ms_per_image=cpu_ms,
     )

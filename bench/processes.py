@@ -27,8 +27,8 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def tree_rss_mb(pid: int) -> float:
-    """Current RSS of a process and all its descendants, in MB."""
+def process_tree(pid: int) -> list[int]:
+    """A process and all its descendants (the server's workers, the peer's helpers)."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -37,17 +37,45 @@ def tree_rss_mb(pid: int) -> float:
             except (OSError, IndexError, ValueError):
                 continue
             children.setdefault(ppid, []).append(int(entry.name))
-    total, todo = 0, [pid]
+    tree, todo = [], [pid]
     while todo:
         current = todo.pop()
+        tree.append(current)
         todo.extend(children.get(current, []))
-        try:
-            for line in Path(f"/proc/{current}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-        except OSError:
-            continue
-    return total / 1024
+    return tree
+
+
+def rss_mb(pid: int) -> float:
+    """Current RSS of one process in MB (0 if it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def tree_rss_mb(pid: int) -> float:
+    """Current RSS of a process and all its descendants, in MB."""
+    return sum(rss_mb(p) for p in process_tree(pid))
+
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of one process so far, all its threads (0 if gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of a process tree: the server's whole cost, workers included."""
+    return sum(cpu_seconds(p) for p in process_tree(pid))
 
 
 class ServerProcess:

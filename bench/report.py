@@ -24,7 +24,14 @@ from bench.limit import LimitResult, measure_limit
 from bench.load import LoadResult, run_load
 from bench.oip_load import ours as our_oip_target
 from bench.oip_load import pytriton_peer, run_oip_load
-from bench.processes import PeerProcess, ServerProcess, peak_rss_mb
+from bench.processes import (
+    PeerProcess,
+    ServerProcess,
+    peak_rss_mb,
+    process_tree,
+    rss_mb,
+    tree_cpu_seconds,
+)
 from bench.workload import SCRATCH, latest_model, load_folder, photo_folder, resnet50_model
 from service import eventloop
 from service.config import build_parser, load_settings, parse_flag_values
@@ -60,7 +67,9 @@ def _load(
     model: str,
     concurrency: int,
     seconds: float,
+    warmup: float,
     images_per_request: int = 1,
+    channels: int = 4,
 ) -> LoadResult:
     return eventloop.run(
         run_load(
@@ -69,16 +78,46 @@ def _load(
             model=model,
             concurrency=concurrency,
             seconds=seconds,
-            warmup=3.0,
+            warmup=warmup,
             images_per_request=images_per_request,
+            channels=channels,
+            cpu_probe=lambda: tree_cpu_seconds(server.pid),
         )
     )
 
 
-def _oip(target: Any, images: list[bytes], concurrency: int, seconds: float) -> LoadResult:
+def _oip(
+    target: Any, images: list[bytes], concurrency: int, seconds: float, warmup: float, pid: int
+) -> LoadResult:
     return eventloop.run(
-        run_oip_load(target, images, concurrency=concurrency, seconds=seconds, warmup=3.0)
+        run_oip_load(
+            target,
+            images,
+            concurrency=concurrency,
+            seconds=seconds,
+            warmup=warmup,
+            cpu_probe=lambda: tree_cpu_seconds(pid),
+        )
     )
+
+
+def _worker_counts(spec: str) -> list[int]:
+    """ "1,auto" → [1, cores]: the worker counts to measure, in order, without repeats."""
+    cores = len(os.sched_getaffinity(0))
+    counts = [cores if part.strip() == "auto" else int(part) for part in spec.split(",")]
+    return list(dict.fromkeys(counts))
+
+
+def _rss(server: ServerProcess) -> dict[str, Any]:
+    """RSS of the supervisor (when there are workers) and of each serving process."""
+    tree = process_tree(server.pid)
+    if len(tree) == 1:
+        return {"processes": 1, "serving_mb": [round(rss_mb(server.pid), 1)]}
+    return {
+        "processes": len(tree),
+        "supervisor_mb": round(rss_mb(server.pid), 1),
+        "serving_mb": [round(rss_mb(p), 1) for p in tree[1:]],
+    }
 
 
 def _torch_eager(checkpoint: Path, images: list[bytes], seconds: float) -> dict[str, float]:
@@ -115,6 +154,8 @@ def _torch_eager(checkpoint: Path, images: list[bytes], seconds: float) -> dict[
 
 def run_report(args: argparse.Namespace) -> dict[str, Any]:
     concurrencies = [int(c) for c in str(args.concurrency).split(",")]
+    workers = _worker_counts(args.workers)
+    main_workers = workers[-1]  # OIP, batched requests and the Triton comparison use this one
     photos = photo_folder()
     images = load_folder(photos)
     model_path = latest_model(args.repository, "demo") if args.case == "demo" else resnet50_model()
@@ -123,20 +164,27 @@ def run_report(args: argparse.Namespace) -> dict[str, Any]:
     flags = ["--models", name, *args.server_flag]
     # The limit runs with exactly the server's settings (threads, limits).
     settings = load_settings(**parse_flag_values(build_parser().parse_args(args.server_flag)))
+    warmup = args.warmup
     report: dict[str, Any] = {
         "date": date.today().isoformat(),
         "case": args.case,
         "model": str(model_path),
         "machine": machine(),
         "seconds_per_measurement": args.seconds,
+        "warmup_seconds": warmup,
         "server_flags": args.server_flag,
+        "workers": workers,
+        "channels": args.channels,
         "photos": sorted(os.listdir(photos)),
     }
     print(f"machine: {report['machine']}")
-    server = ServerProcess(repository, *flags)
+    # One server per worker count, all started up front (an idle one costs nothing), so
+    # their measurements can be interleaved with the others'.
+    servers = {w: ServerProcess(repository, *flags, "--workers", str(w)) for w in workers}
     peer: PeerProcess | None = None
     try:
-        server.wait_for_event("serving", timeout=300)
+        for server in servers.values():
+            server.wait_for_event("serving", timeout=300)
         if not args.no_peer and (args.peer_venv / "bin" / "python").exists():
             SCRATCH.mkdir(parents=True, exist_ok=True)
             peer = PeerProcess(PEER_DIR, args.peer_venv, model_path, SCRATCH / "peer.log")
@@ -147,70 +195,103 @@ def run_report(args: argparse.Namespace) -> dict[str, Any]:
                 f"{args.peer_venv})"
             )
 
-        limits: list[LimitResult] = [
-            measure_limit(model_path, images, seconds=args.seconds / 3, settings=settings)
-        ]
-        print(limits[0].summary())
-        ours: dict[int, LoadResult] = {}
+        def limit() -> LimitResult:
+            result = measure_limit(model_path, images, seconds=args.seconds / 3, settings=settings)
+            print(result.summary())
+            return result
+
+        limits = [limit()]
+        ours: dict[int, dict[int, LoadResult]] = {w: {} for w in workers}
         ours_oip: dict[int, LoadResult] = {}
         theirs: dict[int, LoadResult] = {}
         for c in concurrencies:
-            ours[c] = _load(server, images, name, c, args.seconds)
-            print(f"ours  classifier.v1 {ours[c].summary()}")
-            ours_oip[c] = _oip(our_oip_target(server.target, name), images, c, args.seconds)
-            print(f"ours  OIP           {ours_oip[c].summary()}")
+            for w, server in servers.items():
+                ours[w][c] = _load(server, images, name, c, args.seconds, warmup, 1, args.channels)
+                print(f"ours  classifier.v1 workers={w} {ours[w][c].summary()}")
+            served = servers[main_workers]
+            oip_target = our_oip_target(served.target, name)
+            ours_oip[c] = _oip(oip_target, images, c, args.seconds, warmup, served.pid)
+            print(f"ours  OIP           workers={main_workers} {ours_oip[c].summary()}")
             if peer is not None:
-                theirs[c] = _oip(pytriton_peer(f"127.0.0.1:{peer.port}"), images, c, args.seconds)
+                peer_target = pytriton_peer(f"127.0.0.1:{peer.port}")
+                theirs[c] = _oip(peer_target, images, c, args.seconds, warmup, peer.process.pid)
                 print(f"peer  OIP           {theirs[c].summary()}")
+        # A client with one connection reaches one worker: no gain, and no loss either.
+        top = max(concurrencies)
+        single_channel = {}
+        for w, server in servers.items():
+            single_channel[w] = _load(server, images, name, top, args.seconds, warmup, 1, 1)
+            print(f"ours  classifier.v1 workers={w} channels=1 {single_channel[w].summary()}")
         batched = {
-            n: _load(server, images, name, 4, args.seconds, images_per_request=n) for n in (8, 16)
+            n: _load(servers[main_workers], images, name, 4, args.seconds, warmup, n, args.channels)
+            for n in (8, 16)
         }
         for result in batched.values():
             print(f"ours  {result.summary()}")
-        limits.append(
-            measure_limit(model_path, images, seconds=args.seconds / 3, settings=settings)
-        )
-        print(limits[1].summary())
-        report["server_peak_rss_mb"] = round(peak_rss_mb(server.pid), 1)
+        limits.append(limit())
+        report["server_peak_rss_mb"] = round(peak_rss_mb(servers[main_workers].pid), 1)
+        report["server_rss_by_workers"] = {w: _rss(s) for w, s in servers.items()}
         if peer is not None:
             report["peer_rss_mb"] = round(peer.rss_mb(), 1)
     finally:
-        server.kill()
+        for server in servers.values():
+            server.kill()
         if peer is not None:
             peer.stop()
     if args.torch and args.case == "demo" and Path("runs/demo/best.pt").is_file():
         report["torch_eager"] = _torch_eager(Path("runs/demo/best.pt"), images, args.seconds)
 
+    main = ours[main_workers]
     limit_ips = sum(x.best_images_per_s for x in limits) / len(limits)
+    limit_cpu = sum(x.cpu_ms_per_image for x in limits) / len(limits)
     limit_b1 = sum(x.batch1_latency_ms["p50"] for x in limits) / len(limits)
     best_ours = max(
-        [r.images_per_s for r in ours.values()] + [r.images_per_s for r in batched.values()]
+        [r.images_per_s for r in main.values()] + [r.images_per_s for r in batched.values()]
     )
-    best_single = max(r.images_per_s for r in ours.values())
+    best_single = max(r.images_per_s for r in main.values())
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return round(a / b, 3) if a is not None and b else None
+
     report.update(
         {
             "limit": [x.as_dict() for x in limits],
-            "ours": {c: vars(r) for c, r in ours.items()},
+            "ours": {c: vars(r) for c, r in main.items()},
+            "ours_by_workers": {
+                w: {c: vars(r) for c, r in by_c.items()} for w, by_c in ours.items()
+            },
+            "ours_single_channel": {w: vars(r) for w, r in single_channel.items()},
             "ours_oip": {c: vars(r) for c, r in ours_oip.items()},
             "ours_batched_requests": {n: vars(r) for n, r in batched.items()},
             "peer": {c: vars(r) for c, r in theirs.items()},
             "ratios": {
                 "ours_best_over_limit": round(best_ours / limit_ips, 3),
                 "ours_single_image_requests_over_limit": round(best_single / limit_ips, 3),
+                "cpu_per_image_over_limit_by_workers": {
+                    w: {c: ratio(r.cpu_ms_per_image, limit_cpu) for c, r in by_c.items()}
+                    for w, by_c in ours.items()
+                },
+                "ours_over_peer_by_concurrency": {
+                    c: ratio(main[c].images_per_s, theirs[c].images_per_s) for c in theirs
+                },
                 "ours_oip_over_peer_by_concurrency": {
-                    c: round(ours_oip[c].images_per_s / theirs[c].images_per_s, 3)
-                    for c in theirs
-                    if theirs[c].images_per_s
+                    c: ratio(ours_oip[c].images_per_s, theirs[c].images_per_s) for c in theirs
                 },
                 "ours_oip_over_classify_by_concurrency": {
-                    c: round(ours_oip[c].images_per_s / ours[c].images_per_s, 3)
-                    for c in ours
-                    if ours[c].images_per_s
+                    c: ratio(ours_oip[c].images_per_s, main[c].images_per_s) for c in main
                 },
-                "batch1_p50_ms_ours_minus_limit": round(
-                    ours[min(ours)].latency_ms["p50"] - limit_b1, 3
+                f"workers_{main_workers}_over_1_at_c{top}": ratio(
+                    main[top].images_per_s, ours[1][top].images_per_s
                 )
                 if 1 in ours
+                else None,
+                f"workers_{main_workers}_over_1_at_c{top}_one_channel": ratio(
+                    single_channel[main_workers].images_per_s, single_channel[1].images_per_s
+                )
+                if 1 in single_channel
+                else None,
+                "batch1_p50_ms_ours_minus_limit": round(main[1].latency_ms["p50"] - limit_b1, 3)
+                if 1 in main
                 else None,
             },
         }
@@ -237,28 +318,27 @@ def markdown(report: dict[str, Any]) -> str:
         f"Machine: {m['cores']} cores, {m['cpu']} (AVX512-VNNI: {m['avx512_vnni']}), "
         f"Python {m['python']}, ONNX Runtime {m['onnxruntime']}. Model `{report['model']}`; "
         f"photos {', '.join(report['photos'])} (JPEG q90, native size); "
-        f"{report['seconds_per_measurement']} s per measurement after 3 s warm-up; server "
-        f"flags: {' '.join(report['server_flags']) or 'defaults'}.",
+        f"{report['seconds_per_measurement']} s per measurement after "
+        f"{report.get('warmup_seconds', 3.0)} s warm-up; server flags: "
+        f"{' '.join(report['server_flags']) or 'defaults'}; our clients use "
+        f"{report.get('channels', 4)} connections. CPU ms per image: the server's whole "
+        "process tree (supervisor and workers, from /proc) over the measured window; the "
+        "limit's own process.",
         "",
-        "| | images/s | p50 ms | p99 ms |",
-        "|---|---|---|---|",
+        "| | images/s | CPU ms/img | batch-1 p50 ms | batch-1 p99 ms |",
+        "|---|---|---|---|---|",
     ]
     for i, x in enumerate(limit):
         lines.append(
             f"| in-process limit ({'first' if i == 0 else 'last'}), best batch "
             f"{x['best_batch']} | {x['best_images_per_s']:.0f} | "
-            f"{x['batch1_latency_ms']['p50']:.2f} (batch 1) | "
-            f"{x['batch1_latency_ms']['p99']:.2f} (batch 1) |"
+            f"{x.get('cpu_ms_per_image', float('nan')):.2f} | "
+            f"{x['batch1_latency_ms']['p50']:.2f} | {x['batch1_latency_ms']['p99']:.2f} |"
         )
-    lines += [
-        "",
-        "One image per request. classifier.v1 through our raw-stub load generator; ours over",
-        "OIP and Triton through the same tritonclient (gRPC, BYTES JPEG).",
-        "",
-        "| concurrency | classifier.v1 img/s (p50, p99 ms) | ours OIP img/s (p50, p99) |"
-        " Triton OIP img/s (p50, p99) | ours OIP / Triton |",
-        "|---|---|---|---|---|",
-    ]
+
+    def cpu(o: dict[str, Any] | None) -> str:
+        value = (o or {}).get("cpu_ms_per_image")
+        return "–" if value is None else f"{value:.2f}"
 
     def cell(o: dict[str, Any] | None) -> str:
         if not o:
@@ -269,38 +349,76 @@ def markdown(report: dict[str, Any]) -> str:
     def of(table: dict[Any, Any], c: Any) -> dict[str, Any] | None:
         return table.get(c) or table.get(str(c))  # type: ignore[no-any-return]
 
-    for c, o in report["ours"].items():
+    by_workers = report.get("ours_by_workers") or {"?": report["ours"]}
+    lines += [
+        "",
+        "One image per request, classifier.v1 through our raw-stub load generator, by the",
+        "server's worker count: img/s (p50, p99 ms), CPU ms per image, and that CPU over",
+        "the limit's.",
+        "",
+        "| concurrency | "
+        + " | ".join(f"{w} worker(s) img/s (p50, p99) | CPU ms/img | ÷ limit" for w in by_workers)
+        + " |",
+        "|---|" + "---|---|---|" * len(by_workers),
+    ]
+    cpu_ratios = r.get("cpu_per_image_over_limit_by_workers", {})
+    for c in report["ours"]:
+        cells = []
+        for w, table in by_workers.items():
+            o = of(table, c)
+            over = of(of(cpu_ratios, w) or {}, c)
+            cells += [cell(o), cpu(o), "–" if over is None else f"{over:.2f}"]
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    single = report.get("ours_single_channel", {})
+    if single:
+        lines += [
+            "",
+            "A client with one connection (it reaches one worker): "
+            + "; ".join(f"{w} worker(s) {cell(o)}" for w, o in single.items()),
+        ]
+    lines += [
+        "",
+        f"Ours over OIP ({report.get('workers', ['?'])[-1]} worker(s)) and Triton, through the "
+        "same tritonclient (gRPC, one BYTES JPEG per request):",
+        "",
+        "| concurrency | ours OIP img/s (p50, p99) | CPU ms/img | Triton img/s (p50, p99) |"
+        " CPU ms/img | ours OIP / Triton |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in report["ours"]:
         oip, peer = of(report.get("ours_oip", {}), c), of(report["peer"], c)
         ratio = (
             f"{oip['images_per_s'] / peer['images_per_s']:.2f}"
             if oip and peer and peer["images_per_s"]
             else "–"
         )
-        lines.append(f"| {c} | {cell(o)} | {cell(oip)} | {cell(peer)} | {ratio} |")
+        lines.append(f"| {c} | {cell(oip)} | {cpu(oip)} | {cell(peer)} | {cpu(peer)} | {ratio} |")
     lines += [
         "",
         "Batched requests (ours, 4 callers):",
         "",
-        "| images/request | img/s | p50 ms | p99 ms |",
-        "|---|---|---|---|",
+        "| images/request | img/s | p50 ms | p99 ms | CPU ms/img |",
+        "|---|---|---|---|---|",
     ]
     for n, o in report["ours_batched_requests"].items():
         lines.append(
             f"| {n} | {o['images_per_s']:.0f} | {o['latency_ms']['p50']:.2f} | "
-            f"{o['latency_ms']['p99']:.2f} |"
+            f"{o['latency_ms']['p99']:.2f} | {cpu(o)} |"
         )
+    rss = report.get("server_rss_by_workers", {})
+    lines += ["", "Ratios (within this run):", ""]
+    lines += [f"- {key}: **{value}**" for key, value in r.items()]
     lines += [
-        "",
-        "Ratios (within this run):",
-        "",
-        f"- ours / limit (best of all runs): **{r['ours_best_over_limit']}**",
-        f"- ours / limit (one image per request): {r['ours_single_image_requests_over_limit']}",
-        f"- ours over OIP / Triton by concurrency (same client): "
-        f"{r['ours_oip_over_peer_by_concurrency']}",
-        f"- ours over OIP / ours over classifier.v1: {r['ours_oip_over_classify_by_concurrency']}",
-        f"- batch-1 p50, ours minus limit: {r['batch1_p50_ms_ours_minus_limit']} ms",
-        f"- server peak RSS: {report.get('server_peak_rss_mb')} MB; Triton peer RSS "
-        f"(all processes): {report.get('peer_rss_mb', '–')} MB",
+        f"- server peak RSS: {report.get('server_peak_rss_mb')} MB; by worker count: "
+        + (
+            "; ".join(
+                f"{w}: serving processes {x['serving_mb']} MB"
+                + (f", supervisor {x['supervisor_mb']} MB" if "supervisor_mb" in x else "")
+                for w, x in rss.items()
+            )
+            or "–"
+        )
+        + f"; Triton peer RSS (all processes): {report.get('peer_rss_mb', '–')} MB",
     ]
     if "torch_eager" in report:
         lines.append(

@@ -20,7 +20,9 @@ This parent process, as grpc's ``examples/python/multiprocessing`` does:
 4. supervises: a worker that dies is logged, counted and restarted after a backoff
    (1 s, doubling to 30 s); if workers keep dying (``MAX_CRASHES`` within
    ``CRASH_WINDOW_SECONDS``) it stops them all and exits 1;
-5. on SIGTERM/SIGINT forwards SIGTERM to every worker — each drains as a lone server
+5. ties each worker's life to its own: a worker gets SIGTERM when the supervisor dies,
+   even by SIGKILL (``PR_SET_PDEATHSIG``), so no orphan keeps the port;
+6. on SIGTERM/SIGINT forwards SIGTERM to every worker — each drains as a lone server
    does (NOT_SERVING while still serving, then refuse, then grace) — and exits 0 once all
    have exited 0. A second signal is forwarded too (the workers skip the rest of their
    drain).
@@ -96,6 +98,25 @@ def _worker_main(settings: Settings, index: int, count: int, cores: int, status:
 
 WorkerMain = Any  # (settings, index, count, cores, status file) -> None, in the child
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _run_worker(worker_main: WorkerMain, supervisor_pid: int, *args: Any) -> None:
+    """The child's entry: tied to the supervisor's life, then the worker's body.
+
+    A supervisor killed with SIGKILL cannot forward anything, and an orphaned worker would
+    keep the port and answer with no one supervising it. So each worker asks the kernel
+    for SIGTERM when its parent dies (Linux; it then drains like any stopped worker).
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != supervisor_pid:  # it died before the request took effect
+        os._exit(0)
+    worker_main(*args)
+
 
 class Supervisor:
     def __init__(self, settings: Settings, count: int, worker_main: WorkerMain = None):
@@ -140,8 +161,16 @@ class Supervisor:
         status = str(self.status_file(worker.index))
         context = multiprocessing.get_context("fork")
         process = context.Process(
-            target=self.worker_main,
-            args=(settings, worker.index, self.count, self.cores, status),
+            target=_run_worker,
+            args=(
+                self.worker_main,
+                os.getpid(),
+                settings,
+                worker.index,
+                self.count,
+                self.cores,
+                status,
+            ),
             name=f"imgclf-worker-{worker.index}",
         )
         process.start()

@@ -177,3 +177,25 @@ def test_workers_that_keep_crashing_stop_the_server_with_an_error(tmp_path: Path
     started = time.monotonic()
     assert Supervisor(settings, 2, worker_main=crash).run() == 1
     assert time.monotonic() - started < 30  # gave up rather than looping for ever
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # an exited orphan may wait for a reaper
+
+
+def test_workers_exit_when_the_supervisor_is_killed(
+    start_server: type[ServerProcess], quick_model: dict[str, Path]
+) -> None:
+    """SIGKILL leaves the supervisor no chance to forward anything; the kernel tells each
+    worker instead, and no orphan keeps the port."""
+    server = start_server(quick_model["repository"], "--workers", "2", "--drain-seconds", "0.5")
+    server.wait_for_event("serving")
+    pids = list(worker_pids(server).values())
+    assert len(pids) == 2 and all(_alive(p) for p in pids)
+    server.process.kill()
+    server.process.wait(10)
+    wait_for(lambda: not any(_alive(p) for p in pids), 30, "the orphaned workers to exit")
