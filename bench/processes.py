@@ -84,7 +84,11 @@ class ServerProcess:
 
     def __init__(self, repository: Path, *args: str, env: dict[str, str] | None = None):
         self.repository = repository
-        self.events: list[dict[str, object]] = []
+        # Lines as read; parsed only when someone looks. A busy server writes an access-log
+        # line per call, and parsing each as it arrives would spend the CPU of the very
+        # process that generates the load.
+        self._raw: list[str] = []
+        self._parsed: list[dict[str, object]] = []
         self._lines = threading.Condition()
         command = [
             sys.executable,
@@ -127,33 +131,44 @@ class ServerProcess:
     def _read(self) -> None:
         assert self.process.stderr is not None
         for line in self.process.stderr:
+            with self._lines:
+                self._raw.append(line)
+                self._lines.notify_all()
+
+    @property
+    def events(self) -> list[dict[str, object]]:
+        """Every log line so far as an event (a non-JSON line becomes ``{"msg": line}``)."""
+        with self._lines:
+            return self._events()
+
+    def _events(self) -> list[dict[str, object]]:
+        for line in self._raw[len(self._parsed) :]:
             try:
                 event = json.loads(line)
             except json.JSONDecodeError:
                 event = {"msg": line.rstrip()}
-            with self._lines:
-                self.events.append(event)
-                self._lines.notify_all()
+            self._parsed.append(event)
+        return self._parsed
 
     def wait_for_event(self, msg: str, timeout: float = 60) -> dict[str, object]:
         deadline = time.monotonic() + timeout
         with self._lines:
             while True:
-                for event in self.events:
+                for event in self._events():
                     if event.get("msg") == msg:
                         return event
                 if self.process.poll() is not None:
                     raise RuntimeError(
-                        f"server exited ({self.process.returncode}): {self.events[-5:]}"
+                        f"server exited ({self.process.returncode}): {self._events()[-5:]}"
                     )
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise TimeoutError(f"no {msg!r} event; last: {self.events[-5:]}")
+                    raise TimeoutError(f"no {msg!r} event; last: {self._events()[-5:]}")
                 self._lines.wait(left)
 
     def messages(self) -> list[str]:
         with self._lines:
-            return [str(e.get("msg")) for e in self.events]
+            return [str(e.get("msg")) for e in self._events()]
 
     def terminate(self, timeout: float = 30) -> int:
         if self.process.poll() is None:

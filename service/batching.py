@@ -193,8 +193,11 @@ class DynamicBatcher:
             due = self._queue[0].enqueued + delay
             while not self._ready_to_dispatch(due):
                 self._wakeup.clear()
+                # asyncio.timeout, not wait_for: wait_for wraps the wait in a new task,
+                # and this runs for nearly every image.
                 try:
-                    await asyncio.wait_for(self._wakeup.wait(), max(0.0, due - time.monotonic()))
+                    async with asyncio.timeout(max(0.0, due - time.monotonic())):
+                        await self._wakeup.wait()
                 except TimeoutError:
                     break
             await self._slots.acquire()  # at most `concurrency` batches in flight

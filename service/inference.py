@@ -211,14 +211,35 @@ class RequestPipeline:
         with self.inflight.hold(request_bytes):
             with entry.batcher.admit(count) as admission:
                 loop = asyncio.get_running_loop()
-                prepared = await asyncio.gather(
-                    *(
-                        loop.run_in_executor(
-                            self.pool, prepare, image, spec, self.limits, i, self.budget, deadline
+                if count == 1:  # most calls: no gather around a single future
+                    prepared = [
+                        await loop.run_in_executor(
+                            self.pool,
+                            prepare,
+                            images[0],
+                            spec,
+                            self.limits,
+                            0,
+                            self.budget,
+                            deadline,
                         )
-                        for i, image in enumerate(images)
+                    ]
+                else:
+                    prepared = await asyncio.gather(
+                        *(
+                            loop.run_in_executor(
+                                self.pool,
+                                prepare,
+                                image,
+                                spec,
+                                self.limits,
+                                i,
+                                self.budget,
+                                deadline,
+                            )
+                            for i, image in enumerate(images)
+                        )
                     )
-                )
                 arrays, geometries = [], []
                 for item in prepared:
                     if isinstance(item, ServiceError):
@@ -229,7 +250,10 @@ class RequestPipeline:
                 del prepared
                 futures = admission.submit(arrays, deadline)
             try:
-                rows = await asyncio.gather(*futures, return_exceptions=True)
+                if count == 1:
+                    rows = [await _outcome(futures[0])]
+                else:
+                    rows = await asyncio.gather(*futures, return_exceptions=True)
             except asyncio.CancelledError:
                 for future in futures:
                     future.cancel()  # the batcher drops them before compute
@@ -239,6 +263,16 @@ class RequestPipeline:
                 raise row
         self.metrics.child(self.metrics.images, call.model, call.version).inc(count)
         return rows, geometries  # type: ignore[return-value]
+
+
+async def _outcome(future: asyncio.Future[Row]) -> Row | BaseException:
+    """A batcher future's row, or its error as a value (as ``gather`` would return it)."""
+    try:
+        return await future
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        return exc
 
 
 def deadline_of(time_remaining: float | None) -> float | None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from service.model_spec import Preprocessing, ResizeMode
 from service.postprocess import cam_box, heatmap, regression_box, top_k
@@ -16,6 +18,22 @@ def test_top_k_is_sorted_and_labelled() -> None:
     assert [(p.index, p.label) for p in got] == [(1, "b"), (3, "d"), (0, "a")]
     assert got[0].score == pytest.approx(0.5)
     assert len(top_k(probs, 10, list("abcd"))) == 4
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.sampled_from([0.0, 0.1, 0.25, 0.5, 1.0]), min_size=1, max_size=200),
+    st.integers(1, 10),
+)
+def test_top_k_matches_a_stable_argsort_with_ties_and_long_rows(row: list[float], k: int) -> None:
+    """Short rows take a pure-Python path, long ones numpy's: both are a stable sort."""
+    probs = np.array(row, dtype=np.float32)
+    labels = [f"c{i}" for i in range(len(row))]
+    expected = np.argsort(-probs, kind="stable")[:k].tolist()
+    got = top_k(probs, k, labels)
+    assert [p.index for p in got] == expected
+    assert [p.label for p in got] == [labels[i] for i in expected]
+    assert all(isinstance(p.index, int) and isinstance(p.score, float) for p in got)
 
 
 def test_regression_box_undoes_letterbox() -> None:
