@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from contextvars import ContextVar
 from pathlib import Path
@@ -33,12 +34,37 @@ ENV_PREFIX = "CLASSIFIER_"
 _yaml_file: ContextVar[Path | None] = ContextVar("_yaml_file", default=None)
 
 
-def cpu_count() -> int:
-    """Cores this process may use (cgroup/affinity aware where the OS says so)."""
+def cpu_count(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+    """Cores this process may use: its CPU affinity, capped by a cgroup CPU quota.
+
+    A container limited to 2 CPUs on a 64-core node still sees all 64 in its affinity
+    mask; only the quota (``cpu.max`` in cgroup v2, ``cpu.cfs_quota_us`` in v1) says 2.
+    Worker processes and thread pools sized from the mask would oversubscribe the quota
+    and be throttled.
+    """
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
+        cores = os.cpu_count() or 1
+    quota = _cgroup_cpu_quota(cgroup_root)
+    if quota is not None:
+        cores = min(cores, math.ceil(quota))
+    return max(1, cores)
+
+
+def _cgroup_cpu_quota(root: Path) -> float | None:
+    """CPUs allowed by the cgroup's CFS quota, or None when there is none."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]  # v2: "max 100000"
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota_us = int((root / "cpu" / "cpu.cfs_quota_us").read_text())  # v1: -1 = none
+        period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        return None if quota_us <= 0 or period_us <= 0 else quota_us / period_us
+    except (OSError, ValueError):
+        return None
 
 
 def _gpu_available() -> bool:
@@ -213,13 +239,15 @@ class Settings(BaseSettings):
         default=80_000_000,
         ge=1,
         description="pixels being decoded at once across all calls (about 4 bytes each "
-        "while decoding); a call waits for room, within its deadline",
+        "while decoding), server-wide: worker processes share it; a call waits for room, "
+        "within its deadline",
     )
     max_inflight_bytes: int = Field(
         default=512 * 1024 * 1024,
         ge=1,
-        description="image bytes of the calls being served at once; beyond it calls are "
-        "refused with RESOURCE_EXHAUSTED (retry later)",
+        description="image bytes of the calls being served at once, server-wide (worker "
+        "processes share it); beyond it calls are refused with RESOURCE_EXHAUSTED (retry "
+        "later)",
     )
     jpeg_draft_factor: float = Field(
         default=0.0,

@@ -27,6 +27,10 @@ This parent process, as grpc's ``examples/python/multiprocessing`` does:
    have exited 0. A second signal is forwarded too (the workers skip the rest of their
    drain).
 
+The server-wide memory bounds (``max_decode_pixels``, ``max_inflight_bytes``) are split
+evenly between the workers, so N workers hold no more decoded pixels or image bytes than
+one server would.
+
 Health is per worker and truthful: whichever worker a probe reaches answers for itself,
 and each reloads the repository on its own, by the same rules.
 """
@@ -148,7 +152,15 @@ class Supervisor:
         self._previous_env = os.environ.get(MULTIPROC_ENV)
         os.environ[MULTIPROC_ENV] = str(self.directory)  # before prometheus_client loads
         worker_settings = s.model_copy(
-            update={"port": grpc_port, "http_port": http_port, "metrics_port": None}
+            update={
+                "port": grpc_port,
+                "http_port": http_port,
+                "metrics_port": None,
+                # The memory bounds are the server's, so each worker gets its share. Not
+                # below what one image or one request needs, or those could never pass.
+                "max_decode_pixels": max(s.max_decode_pixels // self.count, s.max_image_pixels),
+                "max_inflight_bytes": max(s.max_inflight_bytes // self.count, s.max_image_bytes),
+            }
         )
         self.grpc_port, self.http_port = grpc_port, http_port
         return worker_settings

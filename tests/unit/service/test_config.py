@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from service.config import ConfigError, Settings, build_parser, load_settings, parse_flag_values
+from service.config import (
+    ConfigError,
+    Settings,
+    build_parser,
+    cpu_count,
+    load_settings,
+    parse_flag_values,
+)
 
 
 def test_precedence_yaml_then_env_then_flags(
@@ -123,3 +131,21 @@ def test_unusable_tls_files_stop_the_server_with_a_message(tmp_path: Path) -> No
     )
     assert out.returncode == 1
     assert "cannot use the TLS files" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_cpu_count_honours_a_cgroup_quota(tmp_path: Path) -> None:
+    cores = len(os.sched_getaffinity(0))
+    assert cpu_count(tmp_path) == cores  # no cgroup files: the affinity mask
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert cpu_count(tmp_path) == cores
+    (tmp_path / "cpu.max").write_text("50000 100000\n")  # half a CPU still gets one
+    assert cpu_count(tmp_path) == 1
+    (tmp_path / "cpu.max").write_text(f"{(cores + 8) * 100000} 100000\n")
+    assert cpu_count(tmp_path) == cores  # a quota above the mask does not add cores
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")  # cgroup v1, no quota
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert cpu_count(tmp_path) == cores
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("100000\n")
+    assert cpu_count(tmp_path) == 1
