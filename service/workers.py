@@ -63,6 +63,8 @@ FIRST_BACKOFF_SECONDS = 1.0
 MAX_BACKOFF_SECONDS = 30.0
 TICK_SECONDS = 0.2
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# The supervisor's own series (``_total`` on the wire), beside the workers' metrics.
+RESTARTS_METRIC = "classifier_worker_restarts"
 
 
 def reserve_port(host: str, port: int) -> socket.socket:
@@ -348,7 +350,7 @@ class Supervisor:
         # In multiprocess mode this counter lives in the shared directory too, so the
         # collector below reports it with the workers' metrics.
         self._restarts = Counter(
-            "classifier_worker_restarts",
+            RESTARTS_METRIC,
             "worker processes restarted after dying",
             registry=CollectorRegistry(),
         )

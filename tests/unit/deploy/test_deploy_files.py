@@ -13,6 +13,7 @@ import yaml
 
 from service.config import Settings, load_settings
 from service.metrics import Metrics
+from service.workers import RESTARTS_METRIC
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -22,7 +23,7 @@ def load(path: str) -> Any:
 
 
 def exposed_metric_names() -> set[str]:
-    names = set()
+    names = {RESTARTS_METRIC + "_total"}  # the worker supervisor's
     for family in Metrics().registry.collect():
         for sample in family.samples:
             names.add(sample.name)
