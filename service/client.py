@@ -508,6 +508,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", default="")
         p.add_argument("--version", default="")
         p.add_argument("--top-k", type=int, default=5)
+        p.add_argument(
+            "--images-per-request",
+            type=int,
+            default=32,
+            help="send the images in requests of at most this many (the server refuses "
+            "more than its max_images_per_request, 64 by default)",
+        )
         if name == "localize":
             p.add_argument(
                 "--draw", type=Path, help="write the image with its box here (one input image only)"
@@ -598,20 +605,27 @@ def _run(client: ClassifierClient, args: argparse.Namespace) -> int:
                 )
             )
         return 0
+    if args.images_per_request < 1:
+        raise ValueError("--images-per-request must be at least 1")
+    step = args.images_per_request
+    chunks = [args.images[i : i + step] for i in range(0, len(args.images), step)]
+    results: list[Any] = []
     if args.command == "classify":
-        results: list[Any] = client.classify(
-            args.images, model=args.model, version=args.version, top_k=args.top_k
-        )
+        for chunk in chunks:
+            results += client.classify(
+                chunk, model=args.model, version=args.version, top_k=args.top_k
+            )
     else:
         if args.draw and len(args.images) != 1:
             raise ValueError("--draw takes exactly one image")
-        results = client.localize(
-            args.images,
-            model=args.model,
-            version=args.version,
-            top_k=args.top_k,
-            include_heatmap=args.heatmap,
-        )
+        for chunk in chunks:
+            results += client.localize(
+                chunk,
+                model=args.model,
+                version=args.version,
+                top_k=args.top_k,
+                include_heatmap=args.heatmap,
+            )
         if args.draw:
             draw(args.images[0], results[0], args.draw, args.heatmap)
     rows = []

@@ -18,7 +18,9 @@ import sys
 from pathlib import Path
 
 from service.scoring.job import FORMATS, JobError, JobSpec, output_format, run_job
-from service.scoring.sources import fingerprint, list_inputs
+from service.scoring.sources import find_inputs, fingerprint
+
+log = logging.getLogger("service.scoring")
 
 
 def resolve_model_path(model: str) -> Path:
@@ -72,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="resume an output scored with another model version",
     )
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--include-all-files",
+        action="store_true",
+        help="score every file of a folder, not only those with an image suffix (files "
+        "that are not images get error rows); by default they are skipped and counted",
+    )
     g = p.add_argument_group("grpc engine")
     g.add_argument("--target", default="localhost:50051")
     g.add_argument("--concurrency", type=int, default=8, help="requests in flight")
@@ -152,9 +160,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
-        paths = list_inputs(args.input)
+        inputs = find_inputs(args.input, include_all_files=args.include_all_files)
+        paths = inputs.paths
         if not paths:
-            raise JobError(f"no images found in {args.input}")
+            raise JobError(
+                f"no images found in {args.input}"
+                + (f" ({inputs.skipped_line()})" if inputs.not_images else "")
+            )
+        skipped = inputs.skipped_line()
+        if skipped:
+            log.warning("%s", skipped)
         engine = make_engine(args)
     except (FileNotFoundError, ValueError, JobError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -187,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         engine.close()
-    print(summary.line())
+    print(summary.line() + (f"; {skipped}" if skipped else ""))
     return 0
 
 

@@ -406,3 +406,40 @@ def test_serving_code_never_imports_torch() -> None:
         "assert 'torchvision' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_the_cli_splits_a_long_list_of_images_into_requests_under_the_limit(
+    demo_server: ServerProcess, quick_model: dict[str, Path]
+) -> None:
+    """70 images exceed the server's 64 per request; the CLI sends them in requests of
+    32 and prints one answer per image, in order."""
+    images = sorted((quick_model["data"] / "val").rglob("*.jpg"))[:70]
+
+    def calls() -> list[dict[str, object]]:
+        return [e for e in demo_server.events if e.get("msg") == "Classify OK"]
+
+    before = len(calls())
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "service.client",
+            "--target",
+            demo_server.target,
+            "--json",
+            "classify",
+            *map(str, images),
+            "--top-k",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    answers = json.loads(out.stdout)
+    assert [a["image"] for a in answers] == [str(p) for p in images]
+    deadline = time.monotonic() + 10  # the log lines arrive through a pipe
+    while len(calls()) < before + 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [e["images"] for e in calls()[before:]] == [32, 32, 6]

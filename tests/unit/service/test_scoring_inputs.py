@@ -8,7 +8,7 @@ import pytest
 
 from service.scoring.grpc_engine import parse_model
 from service.scoring.job import JobError, output_format
-from service.scoring.sources import fingerprint, list_inputs
+from service.scoring.sources import find_inputs, fingerprint, list_inputs
 
 
 def test_folders_globs_and_single_files(tmp_path: Path) -> None:
@@ -47,3 +47,20 @@ def test_model_names_and_output_formats() -> None:
     assert output_format(Path("out"), None) == "parquet"
     with pytest.raises(JobError):
         output_format(Path("out"), "xlsx")
+
+
+def test_a_folders_other_files_are_counted_or_included(tmp_path: Path) -> None:
+    for name in ("1.jpg", "random.bin", "svg.svg", ".DS_Store", ".cache/x.jpg", "sub/2.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    found = find_inputs(str(tmp_path))
+    images = [str(tmp_path / n) for n in (".cache/x.jpg", "1.jpg", "sub/2.png")]
+    assert found.paths == images  # as before: every image file, hidden folders too
+    assert found.not_images == [str(tmp_path / "random.bin"), str(tmp_path / "svg.svg")]
+    line = found.skipped_line()
+    assert line is not None and "skipped 2 files" in line and "random.bin, svg.svg" in line
+    everything = find_inputs(str(tmp_path), include_all_files=True)
+    assert everything.not_images == []
+    assert everything.paths == sorted(
+        [*images, str(tmp_path / "random.bin"), str(tmp_path / "svg.svg")]
+    )
