@@ -35,6 +35,7 @@ from bench.processes import (
 from bench.workload import SCRATCH, latest_model, load_folder, photo_folder, resnet50_model
 from service import eventloop
 from service.config import build_parser, load_settings, parse_flag_values
+from service.cores import cpu_count
 
 PEER_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "peers" / "pytriton"
 
@@ -52,7 +53,7 @@ def machine() -> dict[str, Any]:
     import onnxruntime
 
     return {
-        "cores": len(os.sched_getaffinity(0)),
+        "cores": cpu_count(),
         "cpu": cpu,
         "avx512_vnni": "avx512_vnni" in flags,
         "python": platform.python_version(),
@@ -103,7 +104,7 @@ def _oip(
 
 def _worker_counts(spec: str) -> list[int]:
     """ "1,auto" → [1, cores]: the worker counts to measure, in order, without repeats."""
-    cores = len(os.sched_getaffinity(0))
+    cores = cpu_count()
     counts = [cores if part.strip() == "auto" else int(part) for part in spec.split(",")]
     return list(dict.fromkeys(counts))
 
@@ -132,7 +133,7 @@ def _torch_eager(checkpoint: Path, images: list[bytes], seconds: float) -> dict[
     from training.presets import eval_transform
 
     loaded = model_from_checkpoint(checkpoint)
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    torch.set_num_threads(cpu_count())
     h, w = loaded.input_size
     transform = eval_transform(loaded.preprocessing, h, w)
     normalize = InputNormalize(loaded.preprocessing.mean, loaded.preprocessing.std)

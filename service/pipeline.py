@@ -9,7 +9,6 @@ A bad image yields an outcome with an error; it never stops the stream.
 
 from __future__ import annotations
 
-import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from service.cores import cpu_count
 from service.errors import ServiceError
 from service.model_spec import ModelSpec
 from service.preprocess import Geometry, ImageLimits, preprocess_encoded
@@ -66,7 +66,7 @@ def run_pipeline(
 ) -> Iterator[Outcome]:
     """Yield one ``Outcome`` per source, in order."""
     limits = limits or ImageLimits()
-    threads = decode_threads or max(1, os.cpu_count() or 1)
+    threads = decode_threads or cpu_count()
     window = batch_size * (prefetch_batches + 1)
     pending: deque[tuple[int, Future[tuple[np.ndarray, Geometry] | str]]] = deque()
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode") as pool:

@@ -14,26 +14,22 @@ fetches outputs without intermediate copies.
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
+from service.cores import cpu_count
 from service.errors import InferenceError
 from service.model_spec import ModelSpec
+from service.runner_options import CPU, CUDA, TENSORRT, RunnerOptions
 
 log = logging.getLogger(__name__)
 
-TENSORRT = "TensorrtExecutionProvider"
-CUDA = "CUDAExecutionProvider"
-CPU = "CPUExecutionProvider"
-DEFAULT_PROVIDERS = (TENSORRT, CUDA, CPU)
 
 _OPT_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -43,33 +39,8 @@ _OPT_LEVELS = {
 }
 
 
-@dataclass(frozen=True)
-class RunnerOptions:
-    providers: Sequence[str] = DEFAULT_PROVIDERS
-    instances: int = 1
-    intra_op_threads: int = 0  # 0: auto (1 for light models on CPU, else the cores)
-    cores: int = 0  # this process's share of the cores (0: all it may use)
-    inter_op_threads: int = 1
-    # ONNX Runtime's workers spin after each run by default; in a server whose other
-    # threads (decoding, gRPC) share the cores, that spinning steals their CPU.
-    allow_spinning: bool = False
-    graph_optimization: str = "all"
-    optimized_model_dir: Path | None = None  # cache of the optimized graph (CPU only)
-    device_id: int = 0
-    trt_fp16: bool = True
-    trt_engine_cache_dir: Path | None = None
-    extra_session_config: dict[str, str] = field(default_factory=dict)
-
-
 # Below this single-thread cost per image a model leaves the other cores to decoding.
 LIGHT_MODEL_MS = 2.0
-
-
-def _cores() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def available_providers() -> list[str]:
@@ -107,7 +78,7 @@ class Runner:
             raise FileNotFoundError(f"model file {self.path} does not exist")
         self.providers = select_providers(self.options.providers)
         self._sessions: queue.Queue[ort.InferenceSession] = queue.Queue()
-        cores = self.options.cores or _cores()
+        cores = self.options.cores or cpu_count()
         per_instance = max(1, cores // max(1, self.options.instances))
         auto = self.options.intra_op_threads == 0
         self.intra_op_threads = 1 if auto else self.options.intra_op_threads

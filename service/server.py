@@ -40,7 +40,8 @@ from grpc_reflection.v1alpha import reflection
 
 from service.auth import AuthInterceptor, TokenStore
 from service.calls import CallLog
-from service.config import Settings, cpu_count
+from service.config import Settings
+from service.cores import cpu_count
 from service.envelope import Envelope
 from service.http import HttpServer, create_app
 from service.inference import RequestPipeline

@@ -53,7 +53,8 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
-from service.config import Settings, cpu_count
+from service.config import Settings
+from service.cores import cpu_count
 
 log = logging.getLogger(__name__)
 

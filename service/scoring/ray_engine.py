@@ -15,7 +15,6 @@ is joined (``ray://head:10001`` or ``auto``).
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from service.cores import cpu_count
 from service.scoring.rows import Row, from_record, to_table
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ class RayEngine:
                 ray.init(address=address, log_to_driver=False)
             else:
                 ray.init(
-                    num_cpus=num_cpus or os.cpu_count(),
+                    num_cpus=num_cpus or cpu_count(),
                     include_dashboard=False,
                     log_to_driver=False,
                     configure_logging=False,

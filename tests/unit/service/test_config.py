@@ -13,10 +13,10 @@ from service.config import (
     ConfigError,
     Settings,
     build_parser,
-    cpu_count,
     load_settings,
     parse_flag_values,
 )
+from service.cores import cpu_count
 
 
 def test_precedence_yaml_then_env_then_flags(
