@@ -34,7 +34,7 @@ from service.proto_gen.classifier.v1 import classifier_pb2 as pb
 from service.proto_gen.classifier.v1 import classifier_pb2_grpc as pb_grpc
 from service.results import Box, Classification, Heatmap, Localization, Prediction
 
-ImageInput = str | Path | bytes | bytearray | memoryview | Image.Image | np.ndarray
+ImageInput = str | Path | bytes | bytearray | memoryview | Image.Image | np.ndarray | pb.Image
 
 DEFAULT_TARGET = os.environ.get("CLASSIFIER_TARGET", "localhost:50051")
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -72,6 +72,8 @@ def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[st
 
 
 def to_proto_image(image: ImageInput) -> pb.Image:
+    if isinstance(image, pb.Image):  # already built (the scoring engine reads files first)
+        return image
     if isinstance(image, str | Path):
         return pb.Image(encoded=Path(image).read_bytes())
     if isinstance(image, bytes | bytearray | memoryview):
@@ -96,7 +98,10 @@ def predictions_from_proto(items: Sequence[pb.Prediction]) -> list[Prediction]:
 
 
 def _classifications(response: pb.ClassifyResponse) -> list[Classification]:
-    return [Classification(predictions_from_proto(r.predictions)) for r in response.results]
+    return [
+        Classification(predictions_from_proto(r.predictions), response.model, response.version)
+        for r in response.results
+    ]
 
 
 def _localizations(response: pb.LocalizeResponse) -> list[Localization]:
@@ -115,6 +120,8 @@ def _localizations(response: pb.LocalizeResponse) -> list[Localization]:
                 Box(b.x_min, b.y_min, b.x_max, b.y_max, b.score),
                 r.box_source,
                 heatmap,
+                response.model,
+                response.version,
             )
         )
     return out

@@ -38,6 +38,9 @@ class Heatmap:
 @dataclass(frozen=True)
 class Classification:
     predictions: list[Prediction]
+    # The model and version that answered (filled by the SDK; empty in-process).
+    model: str = ""
+    version: str = ""
 
     @property
     def top(self) -> Prediction:
@@ -50,6 +53,8 @@ class Localization:
     box: Box
     box_source: str  # "regression" or "cam"
     heatmap: Heatmap | None = field(default=None)
+    model: str = ""
+    version: str = ""
 
     @property
     def top(self) -> Prediction:

@@ -31,11 +31,10 @@ from service.client import (
     ClassifierClient,
     error_reason,
     is_retryable,
-    predictions_from_proto,
     to_proto_image,
 )
 from service.proto_gen.classifier.v1 import classifier_pb2 as pb
-from service.results import Box
+from service.results import Classification, Localization
 from service.scoring.rows import Row
 
 log = logging.getLogger(__name__)
@@ -151,38 +150,25 @@ class GrpcEngine:
         return with_backoff(lambda: self._send(paths, images), self.retry_seconds)
 
     def _send(self, paths: list[str], images: list[pb.Image]) -> list[Row]:
-        stub, meta = self.client.stub, self.client.metadata
-        if self.task == "localize":
-            response = stub.Localize(
-                pb.LocalizeRequest(
-                    model=self.model, version=self.version, images=images, top_k=self.top_k
-                ),
-                timeout=self.timeout,
-                metadata=meta,
+        results: list[Classification | Localization] = list(
+            self.client.localize(images, model=self.model, version=self.version, top_k=self.top_k)
+            if self.task == "localize"
+            else self.client.classify(
+                images, model=self.model, version=self.version, top_k=self.top_k
             )
-            return [
-                Row.from_predictions(
-                    p,
-                    predictions_from_proto(r.predictions),
-                    response.model,
-                    response.version,
-                    Box(r.box.x_min, r.box.y_min, r.box.x_max, r.box.y_max, r.box.score),
-                    r.box_source,
-                )
-                for p, r in zip(paths, response.results, strict=True)
-            ]
-        response = stub.Classify(
-            pb.ClassifyRequest(
-                model=self.model, version=self.version, images=images, top_k=self.top_k
-            ),
-            timeout=self.timeout,
-            metadata=meta,
         )
+        if len(results) != len(paths):
+            raise ValueError(f"{len(paths)} images sent, {len(results)} answers")
         return [
             Row.from_predictions(
-                p, predictions_from_proto(r.predictions), response.model, response.version
+                paths[i],
+                r.predictions,
+                r.model,
+                r.version,
+                r.box if isinstance(r, Localization) else None,
+                r.box_source if isinstance(r, Localization) else None,
             )
-            for p, r in zip(paths, response.results, strict=True)
+            for i, r in enumerate(results)
         ]
 
     def score(self, paths: list[str]) -> Iterator[Row]:
