@@ -25,20 +25,15 @@ import logging
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-import onnx
 import torch
 from torch import nn
 
 from service.model_spec import (
-    METADATA_KEY,
     DecodeMode,
     InputSpec,
     ModelSpec,
@@ -48,31 +43,28 @@ from service.model_spec import (
 )
 from service.runner import CPU, Runner, RunnerOptions
 from training.checkpoint import LoadedModel, file_sha256, model_from_checkpoint
-from training.data import eval_decoder, load_dataset
 from training.decode_gate import measure_decode_gate, with_decode
 from training.evaluate import evaluate_onnx
 from training.models import ImageModel, InputNormalize
-from training.presets import eval_transform
+from training.quantize import Int8Options, to_fp16, to_int8
+from training.verify import (
+    ExportError,
+    ParityTolerance,
+    check_model,
+    check_parity,
+    output_names,
+    parity_batch,
+    with_metrics,
+    write_metadata,
+)
+
+__all__ = ["ExportError", "ExportOptions", "ExportResult", "ParityTolerance", "write_metadata"]
 
 log = logging.getLogger(__name__)
 
 OPSET = 18
 EXPORTER = "torch.onnx.export(dynamo=True)"
 MODEL_FILE = "model.onnx"
-
-
-class ExportError(RuntimeError):
-    """A verification step failed; nothing was written to the repository."""
-
-
-@dataclass(frozen=True)
-class ParityTolerance:
-    probability: float = 1e-4  # max |Δ| of any probability
-    box: float = 1e-3  # max |Δ| of any normalised box coordinate
-    cam_relative: float = 1e-3  # max |Δ| of a CAM, relative to that map's max |value|
-
-
-FP16_TOLERANCE = ParityTolerance(probability=1e-2, box=1e-2, cam_relative=2e-2)
 
 
 @dataclass(frozen=True)
@@ -85,7 +77,7 @@ class ExportOptions:
     cam_threshold: float = 0.2
     precision: Precision = Precision.FP32
     parity_images: int = 32
-    tolerance: ParityTolerance = ParityTolerance()
+    tolerance: ParityTolerance = field(default_factory=ParityTolerance)
     calibration_images: int = 128
     per_channel: str = "auto"  # auto | on | off
     max_int8_drop: float = 0.01  # top-1, as a fraction
@@ -140,11 +132,6 @@ def output_spec(with_boxes: bool, cam_top_k: int) -> OutputSpec:
     )
 
 
-def _output_names(outputs: OutputSpec) -> list[str]:
-    names = [outputs.probabilities, outputs.boxes, outputs.cam, outputs.cam_classes]
-    return [n for n in names if n is not None]
-
-
 def _versions() -> dict[str, str]:
     out = {"exporter": EXPORTER, "opset": str(OPSET)}
     for package in ("torch", "torchvision", "onnx", "onnxscript", "onnxruntime"):
@@ -177,98 +164,6 @@ def export_graph(
         raise ExportError("torch.onnx.export returned no program")
     program.optimize()
     program.save(str(path))
-
-
-def write_metadata(path: Path, spec: ModelSpec) -> None:
-    model = onnx.load(str(path))
-    del model.metadata_props[:]
-    entry = model.metadata_props.add()
-    entry.key, entry.value = METADATA_KEY, spec.to_json()
-    model.producer_name = "imgclf"
-    onnx.save(model, str(path))
-
-
-def check_model(path: Path) -> None:
-    try:
-        onnx.checker.check_model(str(path), full_check=True)
-    except Exception as exc:
-        raise ExportError(f"onnx.checker rejected the exported graph: {exc}") from exc
-
-
-def parity_batch(loaded: LoadedModel, data: Path, n: int, split: str = "val") -> np.ndarray:
-    """``n`` real images of ``split`` through the eval preprocessing: uint8 [n, H, W, 3]."""
-    index = load_dataset(
-        data, splits=(split,), classes=loaded.classes, manifest=loaded.config.manifest
-    )
-    samples = index.splits[split].samples
-    if len(samples) < n:
-        raise ExportError(
-            f"{data}: {split} has {len(samples)} usable images; the export checks need {n}"
-        )
-    step = max(1, len(samples) // n)
-    h, w = loaded.input_size
-    transform = eval_transform(loaded.preprocessing, h, w)
-    decode = eval_decoder(loaded.preprocessing, h, w)
-    images = [transform(decode(str(s.path))).permute(1, 2, 0).numpy() for s in samples[::step][:n]]
-    return np.ascontiguousarray(np.stack(images))
-
-
-def compare(
-    reference: tuple[torch.Tensor, ...],
-    got: dict[str, np.ndarray],
-    outputs: OutputSpec,
-    tolerance: ParityTolerance,
-) -> dict[str, float]:
-    """Max deviations of ORT from PyTorch; raises ExportError past the tolerance."""
-    ref = dict(zip(_output_names(outputs), (t.detach().numpy() for t in reference), strict=True))
-    report: dict[str, float] = {}
-    failures = []
-    p_ref, p_got = ref[outputs.probabilities], got[outputs.probabilities]
-    report["max_abs_probability"] = float(np.abs(p_ref - p_got).max())
-    report["top1_agreement"] = float((p_ref.argmax(1) == p_got.argmax(1)).mean())
-    if report["max_abs_probability"] > tolerance.probability:
-        failures.append(
-            f"probabilities differ by {report['max_abs_probability']:.2e} "
-            f"(limit {tolerance.probability:.0e})"
-        )
-    if report["top1_agreement"] < 1.0 and tolerance is not FP16_TOLERANCE:
-        failures.append(f"top-1 differs on {1 - report['top1_agreement']:.1%} of the images")
-    if outputs.boxes is not None:
-        report["max_abs_box"] = float(np.abs(ref[outputs.boxes] - got[outputs.boxes]).max())
-        if report["max_abs_box"] > tolerance.box:
-            failures.append(
-                f"boxes differ by {report['max_abs_box']:.2e} (limit {tolerance.box:.0e})"
-            )
-    if outputs.cam is not None and outputs.cam_classes is not None:
-        same_classes = ref[outputs.cam_classes] == got[outputs.cam_classes]
-        cam_ref, cam_got = ref[outputs.cam], got[outputs.cam]
-        scale = np.abs(cam_ref).max(axis=(2, 3), keepdims=True) + 1e-12
-        rel = np.abs(cam_ref - cam_got) / scale
-        # Classes tied in probability may come out of top-k in another order; compare
-        # maps where both sides chose the same class.
-        report["max_rel_cam"] = float(rel[same_classes].max()) if same_classes.any() else 0.0
-        if report["max_rel_cam"] > tolerance.cam_relative:
-            failures.append(
-                f"CAMs differ by {report['max_rel_cam']:.2e} of their max "
-                f"(limit {tolerance.cam_relative:.0e})"
-            )
-    if failures:
-        raise ExportError("PyTorch/ONNX Runtime parity failed: " + "; ".join(failures))
-    return report
-
-
-def check_parity(
-    graph: ExportGraph,
-    path: Path,
-    images: np.ndarray,
-    outputs: OutputSpec,
-    tolerance: ParityTolerance,
-) -> dict[str, float]:
-    with torch.no_grad():
-        reference = graph(torch.from_numpy(images))
-    runner = Runner(path, RunnerOptions(providers=[CPU]))
-    got = runner.run(images)
-    return compare(reference, got, outputs, tolerance)
 
 
 def next_version(repository: Path, name: str) -> int:
@@ -333,7 +228,7 @@ def export_checkpoint(checkpoint: Path, options: ExportOptions) -> ExportResult:
     (options.repository / options.name).mkdir(parents=True, exist_ok=True)
     with _staging(options.repository / options.name) as staging:
         path = staging / MODEL_FILE
-        export_graph(graph, loaded.input_size, _output_names(outputs), path, options.example_batch)
+        export_graph(graph, loaded.input_size, output_names(outputs), path, options.example_batch)
         write_metadata(path, spec)
         check_model(path)
         images = parity_batch(loaded, data, options.parity_images)
@@ -343,13 +238,19 @@ def export_checkpoint(checkpoint: Path, options: ExportOptions) -> ExportResult:
         spec = _gate_decode(path, data, spec, options)
         write_metadata(path, spec)
         fp32_metrics = evaluate_onnx(path, data)
-        spec = _with_metrics(spec, fp32_metrics, prefix="onnx_")
+        spec = with_metrics(spec, fp32_metrics, prefix="onnx_")
         if options.precision is Precision.FP16:
-            spec, parity = _to_fp16(path, staging, spec, graph, images, outputs)
+            spec, parity = to_fp16(path, staging, spec, graph, images, outputs)
             write_metadata(path, spec)
-            spec = _with_metrics(spec, evaluate_onnx(path, data), prefix="fp16_")
+            spec = with_metrics(spec, evaluate_onnx(path, data), prefix="fp16_")
         elif options.precision is Precision.INT8:
-            spec = _to_int8(path, staging, spec, loaded, data, fp32_metrics, options)
+            int8 = Int8Options(
+                options.calibration_images,
+                options.per_channel,
+                options.max_int8_drop,
+                options.accept_drop,
+            )
+            spec = to_int8(path, staging, spec, loaded, data, fp32_metrics, int8)
         write_metadata(path, spec)
         check_model(path)
         Runner(path, RunnerOptions(providers=[CPU]))  # loads and matches its spec
@@ -390,12 +291,6 @@ def _gate_decode(path: Path, data: Path, spec: ModelSpec, options: ExportOptions
     return with_decode(spec, DecodeMode.FULL)
 
 
-def _with_metrics(spec: ModelSpec, metrics: dict[str, Any], prefix: str) -> ModelSpec:
-    keys = ("top1", "top5", "loc_acc", "mean_iou", "cam_loc_acc", "cam_mean_iou")
-    extra = {f"{prefix}{k}": round(float(metrics[k]), 4) for k in keys if k in metrics}
-    return spec.model_copy(update={"metrics": {**spec.metrics, **extra}})
-
-
 @contextmanager
 def _staging(folder: Path) -> Iterator[Path]:
     """A hidden temp folder next to the versions; removed unless published."""
@@ -416,148 +311,3 @@ def _publish(staging: Path, path: Path, final_dir: Path) -> None:
         os.rename(version_dir, final_dir)
     except OSError as exc:
         raise ExportError(f"cannot publish {final_dir}: {exc}") from exc
-
-
-def _to_fp16(
-    path: Path,
-    staging: Path,
-    spec: ModelSpec,
-    graph: ExportGraph,
-    images: np.ndarray,
-    outputs: OutputSpec,
-) -> tuple[ModelSpec, dict[str, float]]:
-    from onnxconverter_common import float16
-
-    model = onnx.load(str(path))
-    # uint8 input and float32 outputs stay as they are; the network runs in float16. Cast
-    # nodes stay as exported (the converter would retype their outputs but not their
-    # "to" attribute) and get a float16 boundary after them instead.
-    casts = [node.name for node in model.graph.node if node.op_type == "Cast"]
-    converted = float16.convert_float_to_float16(model, keep_io_types=True, node_block_list=casts)
-    onnx.save(converted, str(path))
-    parity = check_parity(graph, path, images, outputs, FP16_TOLERANCE)
-    log.info("parity fp16: %s", parity)
-    return spec.model_copy(update={"precision": Precision.FP16}), parity
-
-
-def measure_latency(
-    path: Path, input_hw: tuple[int, int], batch: int = 8, threads: int = 2, repeats: int = 30
-) -> float:
-    """Median seconds per batch of ``batch`` on the CPU with ``threads`` intra-op threads."""
-    runner = Runner(path, RunnerOptions(providers=[CPU], intra_op_threads=threads))
-    images = np.random.default_rng(0).integers(0, 256, (batch, *input_hw, 3), dtype=np.uint8)
-    for _ in range(5):
-        runner.run(images)
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        runner.run(images)
-        times.append(time.perf_counter() - started)
-    return float(np.median(times))
-
-
-class _CalibrationReader:
-    """Feeds eval-preprocessed training images to the INT8 calibrator."""
-
-    def __init__(self, images: np.ndarray, batch: int = 16):
-        self.batches = [images[i : i + batch] for i in range(0, len(images), batch)]
-        self.position = 0
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        if self.position >= len(self.batches):
-            return None
-        self.position += 1
-        return {"image": self.batches[self.position - 1]}
-
-    def rewind(self) -> None:
-        self.position = 0
-
-
-def _quantize(source: Path, target: Path, images: np.ndarray, per_channel: bool) -> None:
-    from onnxruntime import quantization as q
-
-    reader = _CalibrationReader(images)
-    q.quantize_static(
-        str(source),
-        str(target),
-        reader,  # type: ignore[arg-type]
-        quant_format=q.QuantFormat.QDQ,
-        per_channel=per_channel,
-        activation_type=q.QuantType.QUInt8,
-        weight_type=q.QuantType.QInt8,
-        # Convolutions are where the time goes; the small heads (classifier, box MLP, CAM)
-        # stay in float, which keeps probabilities, boxes and CAMs accurate.
-        op_types_to_quantize=["Conv"],
-        calibrate_method=q.CalibrationMethod.MinMax,
-    )
-
-
-def _to_int8(
-    path: Path,
-    staging: Path,
-    spec: ModelSpec,
-    loaded: LoadedModel,
-    data: Path,
-    fp32: dict[str, Any],
-    options: ExportOptions,
-) -> ModelSpec:
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    prepared = staging / "prepared.onnx"
-    quant_pre_process(str(path), str(prepared), skip_symbolic_shape=False)
-    calibration = parity_batch(loaded, data, options.calibration_images, split="train")
-    choices = {"auto": [True, False], "on": [True], "off": [False]}[options.per_channel]
-    best: tuple[float, bool, Path, dict[str, Any]] | None = None
-    for per_channel in choices:
-        candidate = staging / f"int8-{'pc' if per_channel else 'pt'}.onnx"
-        _quantize(prepared, candidate, calibration, per_channel)
-        write_metadata(candidate, spec)
-        metrics = evaluate_onnx(candidate, data)
-        drop = float(fp32["top1"]) - float(metrics["top1"])
-        log.info(
-            "int8 per_channel=%s: top1 %.4f (fp32 %.4f, drop %.4f)",
-            per_channel,
-            metrics["top1"],
-            fp32["top1"],
-            drop,
-        )
-        if best is None or drop < best[0] - 1e-9:
-            best = (drop, per_channel, candidate, metrics)
-    assert best is not None
-    drop, per_channel, candidate, metrics = best
-    if drop > options.max_int8_drop and not options.accept_drop:
-        raise ExportError(
-            f"INT8 top-1 is {metrics['top1']:.4f} against {fp32['top1']:.4f} in FP32: a drop of "
-            f"{drop * 100:.2f} points, over the {options.max_int8_drop * 100:.1f}-point limit "
-            "(pass --accept-drop to publish it anyway)"
-        )
-    # Whether INT8 pays off depends on the CPU (VNNI) and on how much of the graph has
-    # integer kernels; measure it here rather than assume it.
-    hw = loaded.input_size
-    fp32_s, int8_s = measure_latency(path, hw), measure_latency(candidate, hw)
-    speedup = fp32_s / int8_s
-    log.info(
-        "int8 latency %.2f ms vs fp32 %.2f ms per batch of 8 (2 threads): %.2fx",
-        int8_s * 1e3,
-        fp32_s * 1e3,
-        speedup,
-    )
-    if speedup < 1.0:
-        log.warning(
-            "INT8 is slower than FP32 for this model on this CPU (%.2fx); ONNX Runtime "
-            "lacks integer kernels for some of its operators",
-            speedup,
-        )
-    os.replace(candidate, path)
-    spec = _with_metrics(spec, metrics, prefix="int8_")
-    quant = {
-        "int8_top1_drop": round(drop, 4),
-        "int8_per_channel": float(per_channel),
-        "int8_calibration_images": float(len(calibration)),
-        "int8_cpu_speedup_b8_t2": round(speedup, 3),
-    }
-    if "loc_acc" in metrics and "loc_acc" in fp32:
-        quant["int8_loc_acc_drop"] = round(float(fp32["loc_acc"]) - float(metrics["loc_acc"]), 4)
-    return spec.model_copy(
-        update={"precision": Precision.INT8, "metrics": {**spec.metrics, **quant}}
-    )
