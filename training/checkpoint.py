@@ -63,8 +63,10 @@ def model_from_checkpoint(path: Path) -> LoadedModel:
         len(state["classes"]),
         input_size,
         with_boxes=task is Task.LOCALIZATION,
-        pretrained=False,
+        pretrained=config.pretrained,
+        weights_file=config.weights_file,
         dropout=config.dropout,
+        restoring=True,
     )
     model.load_state_dict(inference_weights(state))
     model.eval()

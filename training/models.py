@@ -250,6 +250,17 @@ def _torchvision_net(backbone: str, weights: str | None) -> nn.Module:
     return torchvision.models.get_model(backbone, weights=weights, **kwargs)
 
 
+def pretrained_architecture(backbone: str) -> nn.Module:
+    """The network torchvision builds for its pretrained weights, without the weights:
+    what a checkpoint fine-tuned from them is restored into. For GoogLeNet that differs
+    from the from-scratch build: its pretrained variant re-normalises its input
+    (``transform_input``), which the fine-tuned weights depend on."""
+    kwargs: dict[str, Any] = {}
+    if backbone == "googlenet":
+        kwargs = {"transform_input": True, "aux_logits": True, "init_weights": False}
+    return torchvision.models.get_model(backbone, weights=None, **kwargs)
+
+
 def pretrained_net(backbone: str) -> nn.Module:
     """torchvision's DEFAULT ImageNet weights, from the TORCH_HOME cache or downloaded."""
     try:
@@ -345,17 +356,27 @@ def build_model(
     pretrained: bool = False,
     weights_file: Path | None = None,
     dropout: float = 0.2,
+    restoring: bool = False,
 ) -> ImageModel:
-    """The one way to make a model: registry lookup, weights, heads for ``num_classes``."""
+    """The one way to make a model: registry lookup, weights, heads for ``num_classes``.
+
+    ``pretrained`` and ``weights_file`` say how the run started. ``restoring``: the
+    weights come from a checkpoint next (evaluate, export, resume), so none are fetched or
+    read here, but the model is built exactly as that run built it — the same architecture
+    variant and the same from-scratch settings — so it computes what was trained.
+    """
     backbone_info(backbone)
-    net = pretrained_net(backbone) if pretrained and weights_file is None else None
+    torchvision_weights = pretrained and weights_file is None
+    net: nn.Module | None = None
+    if torchvision_weights:
+        net = pretrained_architecture(backbone) if restoring else pretrained_net(backbone)
     model = ImageModel(
         backbone, num_classes, input_size, with_boxes=with_boxes, dropout=dropout, net=net
     )
-    if weights_file is not None:
+    if weights_file is not None and not restoring:
         counts = load_backbone_weights(model, Path(weights_file))
         log.info("loaded backbone weights from %s: %s", weights_file, counts)
-    elif not pretrained:
+    elif weights_file is None and not pretrained:
         prepare_for_scratch(model)
     return model
 

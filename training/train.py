@@ -273,9 +273,10 @@ def train(
         len(index.classes),
         (cfg.input_size, cfg.input_size),
         with_boxes=task is Task.LOCALIZATION,
-        pretrained=cfg.pretrained and state is None,
-        weights_file=cfg.weights_file if state is None else None,
+        pretrained=cfg.pretrained,
+        weights_file=cfg.weights_file,
         dropout=cfg.dropout,
+        restoring=state is not None,  # resume: the checkpoint's weights, the run's model
     ).to(device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)  # type: ignore[call-overload]

@@ -110,3 +110,36 @@ def test_pretrained_offline_without_cache_names_the_alternatives(
     message = str(info.value)
     assert "--weights-file" in message and "--no-pretrained" in message
     assert os.fspath(tmp_path) in message
+
+
+def test_a_checkpoint_is_restored_into_the_model_its_run_built() -> None:
+    """A run fine-tuned from torchvision's GoogLeNet weights re-normalises its input
+    (``transform_input``) and keeps torchvision's BatchNorm momentum; evaluate, export and
+    resume rebuild that, without fetching the weights. A from-scratch run is rebuilt with
+    its own settings (momentum 0.1)."""
+
+    def momenta(model: torch.nn.Module) -> set[float | None]:
+        return {m.momentum for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)}
+
+    fine_tuned = build_model(
+        "googlenet", 3, (64, 64), with_boxes=False, pretrained=True, restoring=True
+    )
+    assert fine_tuned.trunk.net.transform_input is True
+    scratch = build_model("googlenet", 3, (64, 64), with_boxes=False, pretrained=False)
+    assert scratch.trunk.net.transform_input is False
+    # The same parameters either way, so either checkpoint loads into its rebuild.
+    assert fine_tuned.state_dict().keys() == scratch.state_dict().keys()
+    x = torch.randn(1, 3, 64, 64)
+    fine_tuned.load_state_dict(scratch.state_dict())
+    fine_tuned.eval(), scratch.eval()
+    # Same weights, different features: the input transform is part of the model.
+    assert not torch.allclose(fine_tuned.trunk(x), scratch.trunk(x), rtol=1e-3, atol=0.0)
+
+    resumed = build_model(
+        "mobilenet_v3_small", 3, (64, 64), with_boxes=False, pretrained=True, restoring=True
+    )
+    assert momenta(resumed) == {0.01}  # torchvision's, as the fine-tuning run had
+    from_scratch = build_model(
+        "mobilenet_v3_small", 3, (64, 64), with_boxes=False, pretrained=False, restoring=True
+    )
+    assert momenta(from_scratch) == {0.1}
