@@ -5,7 +5,7 @@
     python -m training train --resume runs/NAME/last.pt
     python -m training evaluate MODEL --data ROOT [--split val]       (MODEL: .pt or .onnx)
     python -m training export CHECKPOINT --repository models --name NAME [--version N]
-                              [--precision fp32|fp16|int8] [--accept-drop]
+                              [--precision fp32|fp16|int8] [--accept-drop] [--accept-slower]
                               [--decode auto|full]
 
 Every TrainConfig field is a flag (``--input-size``, ``--augment-hflip`` for nested
@@ -122,7 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument(
         "--accept-drop",
         action="store_true",
-        help="publish an INT8 model even if top-1 drops more than 1 point",
+        help="publish an FP16 or INT8 model even if top-1 drops more than 1 point",
+    )
+    ex.add_argument(
+        "--accept-slower",
+        action="store_true",
+        help="publish an INT8 model even if it runs slower than FP32 on this machine",
     )
     ex.add_argument(
         "--decode",
@@ -155,6 +160,7 @@ def _export(args: argparse.Namespace) -> int:
         calibration_images=args.calibration_images,
         per_channel=args.per_channel,
         accept_drop=args.accept_drop,
+        accept_slower=args.accept_slower,
         full_decode=args.decode == "full",
     )
     result = export_checkpoint(args.checkpoint, options)

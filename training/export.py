@@ -46,7 +46,7 @@ from training.checkpoint import LoadedModel, file_sha256, model_from_checkpoint
 from training.decode_gate import measure_decode_gate, with_decode
 from training.evaluate import evaluate_onnx
 from training.models import ImageModel, InputNormalize
-from training.quantize import Int8Options, to_fp16, to_int8
+from training.quantize import Int8Options, check_fp16_accuracy, to_fp16, to_int8
 from training.verify import (
     ExportError,
     ParityTolerance,
@@ -81,7 +81,9 @@ class ExportOptions:
     calibration_images: int = 128
     per_channel: str = "auto"  # auto | on | off
     max_int8_drop: float = 0.01  # top-1, as a fraction
-    accept_drop: bool = False
+    max_fp16_drop: float = 0.01  # top-1, as a fraction, measured on val as for INT8
+    accept_drop: bool = False  # publish an FP16/INT8 model past its drop limit
+    accept_slower: bool = False  # publish an INT8 model that is slower than FP32 here
     example_batch: int = 2
     # The gate for a checkpoint trained with ``jpeg_draft`` (training/decode_gate.py).
     full_decode: bool = False  # skip the gate: always write ``decode: full``
@@ -242,13 +244,21 @@ def export_checkpoint(checkpoint: Path, options: ExportOptions) -> ExportResult:
         if options.precision is Precision.FP16:
             spec, parity = to_fp16(path, staging, spec, graph, images, outputs)
             write_metadata(path, spec)
-            spec = with_metrics(spec, evaluate_onnx(path, data), prefix="fp16_")
+            fp16_metrics = evaluate_onnx(path, data)
+            drop = check_fp16_accuracy(
+                fp32_metrics, fp16_metrics, options.max_fp16_drop, options.accept_drop
+            )
+            spec = with_metrics(spec, fp16_metrics, prefix="fp16_")
+            spec = spec.model_copy(
+                update={"metrics": {**spec.metrics, "fp16_top1_drop": round(drop, 4)}}
+            )
         elif options.precision is Precision.INT8:
             int8 = Int8Options(
                 options.calibration_images,
                 options.per_channel,
                 options.max_int8_drop,
                 options.accept_drop,
+                options.accept_slower,
             )
             spec = to_int8(path, staging, spec, loaded, data, fp32_metrics, int8)
         write_metadata(path, spec)
