@@ -70,6 +70,7 @@ def test_the_page_shows_the_top_k_the_box_and_the_heatmap(
     wait = WebDriverWait(driver, 30)
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#model option"))
     assert "demo" in driver.find_element(By.ID, "model").text
+    assert not driver.find_element(By.ID, "answer").is_displayed()  # nothing asked yet
     top_k = driver.find_element(By.ID, "top-k")
     top_k.clear()
     top_k.send_keys("3")
