@@ -14,7 +14,7 @@ METRICS_PORT ?= 9090
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup proto test lint demo-data demo-model serve clean
+.PHONY: help setup proto test test-fast lint demo-data demo-model serve clean
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -34,6 +34,9 @@ proto: $(STAMP)  ## generate the gRPC Python code from proto/ (never committed)
 
 test: setup  ## the test suite
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: setup  ## the tests that start nothing and train nothing (seconds)
+	$(PY) -m pytest -q -m "not slow and not integration" $(PYTEST_ARGS)
 
 lint: setup  ## ruff (lint + format check), mypy, hadolint
 	$(VENV)/bin/ruff check .
