@@ -74,7 +74,7 @@ def resnet50_model(repository: Path = SCRATCH / "models", data: Path = Path("dat
     if target.is_file():
         return target
     from service.model_spec import Task
-    from training.checkpoint import save_checkpoint
+    from training.checkpoint import checkpoint_state, save_checkpoint
     from training.config import TrainConfig
     from training.export import ExportOptions, export_checkpoint
     from training.models import build_model
@@ -89,17 +89,15 @@ def resnet50_model(repository: Path = SCRATCH / "models", data: Path = Path("dat
     model = build_model("resnet50", 10, (224, 224), with_boxes=False)
     checkpoint = SCRATCH / "resnet50-random.pt"
     save_checkpoint(
-        {
-            "model": model.state_dict(),
-            "ema": None,
-            "epoch": 0,
-            "config": config.model_dump(mode="json"),
-            "classes": [str(d) for d in range(10)],
-            "task": Task.CLASSIFICATION.value,
-            "input_size": [224, 224],
-            "preprocessing": config.preprocessing(Task.CLASSIFICATION).model_dump(mode="json"),
-            "metrics": {},
-        },
+        checkpoint_state(
+            model=model.state_dict(),
+            epoch=0,
+            config=config,
+            classes=[str(d) for d in range(10)],
+            task=Task.CLASSIFICATION,
+            input_size=(224, 224),
+            preprocessing=config.preprocessing(Task.CLASSIFICATION),
+        ),
         checkpoint,
     )
     export_checkpoint(

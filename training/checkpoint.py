@@ -34,6 +34,39 @@ class LoadedModel:
     checkpoint: dict[str, Any]
 
 
+def checkpoint_state(
+    *,
+    model: dict[str, torch.Tensor],
+    config: TrainConfig,
+    classes: list[str],
+    task: Task,
+    input_size: tuple[int, int],
+    preprocessing: Preprocessing,
+    epoch: int,
+    metrics: dict[str, Any] | None = None,
+    ema: dict[str, torch.Tensor] | None = None,
+    progress: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The one place a checkpoint's contents are spelled out (``model_from_checkpoint``
+    reads them back). ``progress``: what only ``--resume`` needs (optimizer, scheduler and
+    scaler state, stage, history, early-stopping counters), stored as given."""
+    import torchvision
+
+    return {
+        "model": model,
+        "ema": ema,
+        "epoch": epoch,
+        "config": config.model_dump(mode="json"),
+        "classes": list(classes),
+        "task": task.value,
+        "input_size": [int(input_size[0]), int(input_size[1])],
+        "preprocessing": preprocessing.model_dump(mode="json"),
+        "metrics": metrics or {},
+        "versions": {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__)},
+        **(progress or {}),
+    }
+
+
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     """Write to a temp file and rename, so a crash never leaves a half-written checkpoint."""
     path.parent.mkdir(parents=True, exist_ok=True)

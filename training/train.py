@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torchvision
 from torch.nn import functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, WeightedRandomSampler
@@ -34,7 +33,7 @@ from torchvision.ops import generalized_box_iou_loss
 from tqdm import tqdm
 
 from service.model_spec import Task
-from training.checkpoint import load_checkpoint, save_checkpoint
+from training.checkpoint import checkpoint_state, load_checkpoint, save_checkpoint
 from training.config import TrainConfig
 from training.data import (
     DatasetIndex,
@@ -425,33 +424,31 @@ def train(
                 if k != "epoch":
                     writer.add_scalar(k, v, epoch + 1)
 
-        checkpoint = {
-            "model": model.state_dict(),
-            "ema": ema.state_dict() if ema is not None else None,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-            "epoch": epoch + 1,
-            "stage": stage,
-            "config": cfg.model_dump(mode="json"),
-            "classes": index.classes,
-            "task": task.value,
-            "input_size": [cfg.input_size, cfg.input_size],
-            "preprocessing": prep.model_dump(mode="json"),
-            "metrics": {
+        checkpoint = checkpoint_state(
+            model=model.state_dict(),
+            ema=ema.state_dict() if ema is not None else None,
+            epoch=epoch + 1,
+            config=cfg,
+            classes=index.classes,
+            task=task,
+            input_size=(cfg.input_size, cfg.input_size),
+            preprocessing=prep,
+            metrics={
                 **summary(metrics),
                 "confusion_matrix": metrics["confusion_matrix"],
                 "per_class": metrics["per_class"],
             },
-            "history": history,
-            "best_value": best_value,
-            "best_epoch": best_epoch,
-            "bad_epochs": bad_epochs,
-            "versions": {
-                "torch": str(torch.__version__),
-                "torchvision": str(torchvision.__version__),
+            progress={
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "stage": stage,
+                "history": history,
+                "best_value": best_value,
+                "best_epoch": best_epoch,
+                "bad_epochs": bad_epochs,
             },
-        }
+        )
         save_checkpoint(checkpoint, last_path)
         if improved:
             save_checkpoint(checkpoint, best_path)
