@@ -52,14 +52,17 @@ class LocalEngine:
         top_k: int = 5,
         batch_size: int = 32,
         settings: Settings | None = None,
+        version: str | None = None,
     ):
+        """``version``: what the rows name (default: the folder above ``model_path``, as in
+        a repository's ``<name>/<version>/model.onnx``)."""
         self.settings = settings or load_settings()
         self.runner = Runner(model_path, self.settings.runner_options())
         self.spec = self.runner.spec
         check_task(self.spec, task)
         self.task, self.top_k, self.batch_size = task, min(top_k, self.spec.num_classes), batch_size
         self.model = self.spec.name
-        self.version = Path(model_path).parent.name
+        self.version = version if version is not None else Path(model_path).parent.name
 
     def score(self, paths: list[str]) -> Iterator[Row]:
         outcomes = run_pipeline(

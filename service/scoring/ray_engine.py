@@ -15,6 +15,7 @@ is joined (``ray://head:10001`` or ``auto``).
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,9 +41,10 @@ class _ScoringActor:
         from service.scoring.local import LocalEngine
 
         model_bytes = ray.get(model_ref) if isinstance(model_ref, ray.ObjectRef) else model_ref
-        folder = Path(tempfile.mkdtemp(prefix="scoring-")) / version
-        folder.mkdir(parents=True)
-        (folder / "model.onnx").write_bytes(model_bytes)
+        # ONNX Runtime loads from a file; this actor's copy of the model's bytes.
+        handle, name = tempfile.mkstemp(prefix="scoring-", suffix=".onnx")
+        with os.fdopen(handle, "wb") as out:
+            out.write(model_bytes)
         gpu = bool(ray.get_gpu_ids())
         settings = load_settings(
             providers=["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -52,7 +54,12 @@ class _ScoringActor:
             preprocess_threads=2 * threads,
         )
         self.engine = LocalEngine(
-            folder / "model.onnx", task=task, top_k=top_k, batch_size=batch_size, settings=settings
+            Path(name),
+            task=task,
+            top_k=top_k,
+            batch_size=batch_size,
+            settings=settings,
+            version=version,
         )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
