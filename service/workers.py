@@ -113,7 +113,9 @@ def _run_worker(worker_main: WorkerMain, supervisor_pid: int, *args: Any) -> Non
 
     A supervisor killed with SIGKILL cannot forward anything, and an orphaned worker would
     keep the port and answer with no one supervising it. So each worker asks the kernel
-    for SIGTERM when its parent dies (Linux; it then drains like any stopped worker).
+    for SIGTERM when its parent dies (Linux; it then drains like any stopped worker). The
+    kernel means the parent *thread*: workers are started from the supervisor's main
+    thread only, which lives as long as the supervisor.
     """
     with contextlib.suppress(OSError, AttributeError):
         import ctypes
