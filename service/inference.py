@@ -211,35 +211,16 @@ class RequestPipeline:
         with self.inflight.hold(request_bytes):
             with entry.batcher.admit(count) as admission:
                 loop = asyncio.get_running_loop()
-                if count == 1:  # most calls: no gather around a single future
-                    prepared = [
-                        await loop.run_in_executor(
-                            self.pool,
-                            prepare,
-                            images[0],
-                            spec,
-                            self.limits,
-                            0,
-                            self.budget,
-                            deadline,
-                        )
-                    ]
-                else:
-                    prepared = await asyncio.gather(
-                        *(
-                            loop.run_in_executor(
-                                self.pool,
-                                prepare,
-                                image,
-                                spec,
-                                self.limits,
-                                i,
-                                self.budget,
-                                deadline,
-                            )
-                            for i, image in enumerate(images)
-                        )
+
+                def decode(i: int, image: ImageSource) -> asyncio.Future[Prepared | ServiceError]:
+                    return loop.run_in_executor(
+                        self.pool, prepare, image, spec, self.limits, i, self.budget, deadline
                     )
+
+                if count == 1:  # most calls: no gather around a single future
+                    prepared = [await decode(0, images[0])]
+                else:
+                    prepared = await asyncio.gather(*map(decode, range(count), images))
                 arrays, geometries = [], []
                 for item in prepared:
                     if isinstance(item, ServiceError):
@@ -249,9 +230,10 @@ class RequestPipeline:
                     self.metrics.preprocess_duration.observe(item[2])
                 del prepared
                 futures = admission.submit(arrays, deadline)
+            rows: list[Row | BaseException]
             try:
-                if count == 1:
-                    rows = [await _outcome(futures[0])]
+                if count == 1:  # an error is raised here rather than returned
+                    rows = [await futures[0]]
                 else:
                     rows = await asyncio.gather(*futures, return_exceptions=True)
             except asyncio.CancelledError:
@@ -263,16 +245,6 @@ class RequestPipeline:
                 raise row
         self.metrics.child(self.metrics.images, call.model, call.version).inc(count)
         return rows, geometries  # type: ignore[return-value]
-
-
-async def _outcome(future: asyncio.Future[Row]) -> Row | BaseException:
-    """A batcher future's row, or its error as a value (as ``gather`` would return it)."""
-    try:
-        return await future
-    except asyncio.CancelledError:
-        raise
-    except Exception as exc:
-        return exc
 
 
 def deadline_of(time_remaining: float | None) -> float | None:
