@@ -25,7 +25,7 @@ from bench.limit import measure_limit
 from bench.processes import ServerProcess
 from bench.report import machine
 from bench.workload import SCRATCH
-from service.scoring.__main__ import resolve_model_path
+from service.layout import resolve_model_file
 from service.scoring.sources import list_inputs
 
 ENGINES = ("local", "grpc", "ray")
@@ -81,7 +81,7 @@ def run_scoring_bench(
     results: Path | None = Path("bench/results"),
     scratch: Path = SCRATCH / "scoring",
 ) -> dict[str, Any]:
-    model_file = resolve_model_path(str(model_dir))
+    model_file = resolve_model_file(str(model_dir))
     paths = list_inputs(inputs)
     # The limit decodes from memory: a spread sample of the same inputs, read once.
     step = max(1, len(paths) // limit_images)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from service.layout import MODEL_FILE, model_file, published_versions
+
 PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
 SCRATCH = Path("bench/scratch")
 
@@ -49,28 +51,17 @@ def load_folder(folder: Path) -> list[bytes]:
 
 
 def latest_model(repository: Path, name: str) -> Path:
-    versions = (
-        sorted(
-            (
-                int(p.name)
-                for p in (repository / name).iterdir()
-                if p.name.isdigit() and (p / "model.onnx").is_file()
-            ),
-            reverse=True,
-        )
-        if (repository / name).is_dir()
-        else []
-    )
+    versions = published_versions(repository / name)
     if not versions:
         raise FileNotFoundError(
-            f"no {name}/<version>/model.onnx in {repository}; run `make demo-model` first"
+            f"no {name}/<version>/{MODEL_FILE} in {repository}; run `make demo-model` first"
         )
-    return repository / name / str(versions[0]) / "model.onnx"
+    return versions[max(versions)]
 
 
 def resnet50_model(repository: Path = SCRATCH / "models", data: Path = Path("data/demo")) -> Path:
     """A random-init ResNet-50 (224 px, center crop) exported like any model of ours."""
-    target = repository / "resnet50" / "1" / "model.onnx"
+    target = model_file(repository, "resnet50", 1)
     if target.is_file():
         return target
     from service.model_spec import Task

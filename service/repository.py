@@ -42,13 +42,13 @@ from pathlib import Path
 from service.batching import BatcherConfig, BatcherHooks, DynamicBatcher
 from service.config import Settings
 from service.errors import InvalidArgumentError, NotFoundError, UnavailableError
+from service.layout import MODEL_FILE, scan
 from service.metrics import Metrics
 from service.model_spec import ModelSpec
 from service.runner import Runner, RunnerOptions
 
 log = logging.getLogger(__name__)
 
-MODEL_FILE = "model.onnx"
 # A file still changing after this long is left for the next rescan.
 SETTLE_GIVE_UP_SECONDS = 30.0
 
@@ -121,28 +121,6 @@ class _MetricHooks(BatcherHooks):
         m.child(m.inference_duration, self.name, self.version).observe(seconds)
         for wait in waits:
             m.queue_duration.observe(wait)
-
-
-def scan(root: Path) -> dict[str, dict[int, Path]]:
-    """Model name → {version: model file} for every published version under ``root``.
-
-    Dot-folders (a publish in progress, editor droppings) and folders whose name is not a
-    number are skipped.
-    """
-    found: dict[str, dict[int, Path]] = {}
-    if not root.is_dir():
-        return found
-    for model_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-        if model_dir.name.startswith("."):
-            continue
-        versions = {
-            int(v.name): v / MODEL_FILE
-            for v in model_dir.iterdir()
-            if v.is_dir() and v.name.isdigit() and (v / MODEL_FILE).is_file()
-        }
-        if versions:
-            found[model_dir.name] = dict(sorted(versions.items()))
-    return found
 
 
 class ModelRepository:

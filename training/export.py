@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from service.layout import MODEL_FILE, next_version
 from service.model_spec import (
     DecodeMode,
     InputSpec,
@@ -64,7 +65,6 @@ log = logging.getLogger(__name__)
 
 OPSET = 18
 EXPORTER = "torch.onnx.export(dynamo=True)"
-MODEL_FILE = "model.onnx"
 
 
 @dataclass(frozen=True)
@@ -166,16 +166,6 @@ def export_graph(
         raise ExportError("torch.onnx.export returned no program")
     program.optimize()
     program.save(str(path))
-
-
-def next_version(repository: Path, name: str) -> int:
-    folder = repository / name
-    versions = (
-        [int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit()]
-        if folder.is_dir()
-        else []
-    )
-    return max(versions, default=0) + 1
 
 
 def _spec(

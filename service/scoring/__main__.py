@@ -17,28 +17,11 @@ import os
 import sys
 from pathlib import Path
 
+from service.layout import resolve_model_file
 from service.scoring.job import FORMATS, JobError, JobSpec, output_format, run_job
 from service.scoring.sources import find_inputs, fingerprint
 
 log = logging.getLogger("service.scoring")
-
-
-def resolve_model_path(model: str) -> Path:
-    """models/NAME → its newest version's model.onnx; models/NAME/N → that version's."""
-    path = Path(model)
-    if path.is_file():
-        return path
-    if (path / "model.onnx").is_file():
-        return path / "model.onnx"
-    if path.is_dir():
-        versions = sorted(
-            int(p.name) for p in path.iterdir() if p.name.isdigit() and (p / "model.onnx").is_file()
-        )
-        if versions:
-            return path / str(versions[-1]) / "model.onnx"
-    raise FileNotFoundError(
-        f"no model at {model}: expected models/NAME[/VERSION] holding <version>/model.onnx"
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,7 +120,7 @@ def make_engine(args: argparse.Namespace):  # type: ignore[no-untyped-def]
             retry_seconds=args.retry_seconds,
             channels=args.channels,
         )
-    model_path = resolve_model_path(args.model)
+    model_path = resolve_model_file(args.model)
     if args.engine == "ray":
         from service.scoring.ray_engine import RayEngine
 

@@ -33,6 +33,7 @@ from service.client import (
     is_retryable,
     to_proto_image,
 )
+from service.layout import name_and_version
 from service.proto_gen.classifier.v1 import classifier_pb2 as pb
 from service.results import Classification, Localization
 from service.scoring.rows import Row
@@ -67,16 +68,6 @@ def with_backoff(call: Callable[[], T], retry_seconds: float) -> T:
         delay = min(MAX_BACKOFF_SECONDS, delay * 2)
 
 
-def parse_model(model: str) -> tuple[str, str]:
-    """``models/demo/3``, ``demo/3`` → ("demo", "3"); ``models/demo``, ``demo`` → ("demo", "")."""
-    parts = Path(model).parts
-    if parts and parts[-1] == "model.onnx":
-        parts = parts[:-1]
-    if len(parts) >= 2 and parts[-1].isdigit():
-        return parts[-2], parts[-1]
-    return parts[-1], ""
-
-
 class GrpcEngine:
     def __init__(
         self,
@@ -109,7 +100,7 @@ class GrpcEngine:
             channels=channels,  # connections spread over the server's worker processes
         )
         self.retry_seconds = retry_seconds
-        name, version = parse_model(model)
+        name, version = name_and_version(model)
         info = self.client.get_model(name, version)  # fails fast on a wrong model
         if task == "localize" and not (info.has_boxes or info.has_cam):
             raise ValueError(f"model {name} cannot localize: no box head and no CAM outputs")

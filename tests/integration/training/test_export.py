@@ -10,6 +10,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from service.layout import next_version
 from service.model_spec import METADATA_KEY, DecodeMode, ModelSpec, ModelSpecError, Precision
 from service.runner import Runner
 from tests.conftest import tiny_train_config
@@ -21,7 +22,6 @@ from training.export import (
     ExportResult,
     ParityTolerance,
     export_checkpoint,
-    next_version,
 )
 from training.train import train
 

@@ -7,8 +7,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.model_spec import Preprocessing, ResizeMode
-from service.postprocess import cam_box, heatmap, regression_box, top_k
+from service.model_spec import InputSpec, ModelSpec, OutputSpec, Preprocessing, ResizeMode, Task
+from service.postprocess import (
+    BOX_SOURCE_CAM,
+    BOX_SOURCE_REGRESSION,
+    cam_box,
+    heatmap,
+    locate,
+    regression_box,
+    top_k,
+)
 from service.preprocess import plan_geometry
 
 
@@ -89,3 +97,38 @@ def test_heatmap_is_zero_where_the_model_saw_nothing() -> None:
     hm = heatmap(np.ones((4, 4)) + np.eye(4), geometry, 32, 32, max_side=64)
     assert float(hm.values[:, :10].max()) == 0.0 and float(hm.values[:, 54:].max()) == 0.0
     assert float(hm.values[:, 20:44].max()) > 0.0
+
+
+def _spec(outputs: OutputSpec) -> ModelSpec:
+    return ModelSpec(
+        name="t",
+        task=Task.LOCALIZATION,
+        labels=["a", "b"],
+        input=InputSpec(height=32, width=32),
+        preprocessing=Preprocessing(resize_mode=ResizeMode.STRETCH, resize_size=32),
+        outputs=outputs,
+        cam_threshold=0.5,
+    )
+
+
+def test_locate_prefers_the_box_head_over_the_cam() -> None:
+    spec = _spec(OutputSpec(boxes="boxes", cam="cam"))
+    geometry = plan_geometry(64, 32, spec.preprocessing, 32, 32)  # x scaled by 1/2
+    cam = np.zeros((1, 4, 4), np.float32)
+    cam[0, 0, 0] = 1.0  # the CAM points elsewhere: it must not be used
+    outputs = {"boxes": np.array([0.5, 0.25, 1.0, 0.75]), "cam": cam}
+    box, source = locate(outputs, geometry, spec, 0.8)
+    assert source == BOX_SOURCE_REGRESSION
+    assert box.as_tuple() == pytest.approx((32.0, 8.0, 64.0, 24.0))
+    assert box.score == pytest.approx(0.8)
+
+
+def test_locate_falls_back_to_the_top1_cam() -> None:
+    spec = _spec(OutputSpec(cam="cam"))
+    geometry = plan_geometry(32, 32, spec.preprocessing, 32, 32)
+    cam = np.zeros((2, 4, 4), np.float32)
+    cam[0, 3, 3] = 1.0  # top-1's CAM: bottom-right cell
+    cam[1, 0, 0] = 1.0  # the runner-up's CAM is ignored
+    box, source = locate({"cam": cam}, geometry, spec, 0.6)
+    assert source == BOX_SOURCE_CAM
+    assert box.x_min >= 16 and box.y_min >= 16 and box.x_max == pytest.approx(32, abs=1)

@@ -1,4 +1,4 @@
-"""Scoring inputs and model names (the job logic itself runs in the integration tests)."""
+"""Scoring inputs and output formats (the job logic itself runs in the integration tests)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-from service.scoring.grpc_engine import parse_model
 from service.scoring.job import JobError, output_format
 from service.scoring.sources import find_inputs, fingerprint, list_inputs
 
@@ -38,10 +37,7 @@ def test_fingerprint_changes_with_the_list() -> None:
     assert fingerprint(["ab"]) != fingerprint(["a", "b"])
 
 
-def test_model_names_and_output_formats() -> None:
-    assert parse_model("models/demo/3") == ("demo", "3")
-    assert parse_model("models/demo/3/model.onnx") == ("demo", "3")
-    assert parse_model("demo") == ("demo", "")
+def test_output_formats() -> None:
     assert output_format(Path("out.csv"), None) == "csv"
     assert output_format(Path("out.jsonl"), None) == "jsonl"
     assert output_format(Path("out"), None) == "parquet"
