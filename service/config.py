@@ -12,7 +12,6 @@ start; each bad field gets its own line in the error.
 from __future__ import annotations
 
 import argparse
-import json
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +25,7 @@ from pydantic_settings import (
 )
 
 from service.cores import cpu_count
+from service.model_flags import add_model_flags, collect_flag_values
 from service.preprocess import ImageLimits
 from service.runner_options import DEFAULT_PROVIDERS, RunnerOptions
 
@@ -372,10 +372,6 @@ def load_settings(config_file: Path | None = None, **flags: Any) -> Settings:
         _yaml_file.reset(token)
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m service",
@@ -389,43 +385,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--print-config", action="store_true", help="print the effective settings as JSON and exit"
     )
-    for name, field in Settings.model_fields.items():
-        default = field.get_default(call_default_factory=True)
-        shown = json.dumps(default, default=str) if not isinstance(default, str) else default
-        text = (
-            f"{field.description + ' ' if field.description else ''}(default: {shown}; "
-            f"env: {ENV_PREFIX}{name.upper()})"
-        )
-        if field.annotation is bool:
-            parser.add_argument(
-                _flag(name),
-                dest=name,
-                default=None,
-                action=argparse.BooleanOptionalAction,
-                help=text,
-            )
-        else:
-            parser.add_argument(_flag(name), dest=name, default=None, metavar="VALUE", help=text)
+    add_model_flags(parser, Settings, env_prefix=ENV_PREFIX)
     return parser
 
 
 def parse_flag_values(namespace: argparse.Namespace) -> dict[str, Any]:
     """Flag strings → values pydantic can validate (lists and dicts given as JSON or a,b,c)."""
-    out: dict[str, Any] = {}
-    for name, field in Settings.model_fields.items():
-        value = getattr(namespace, name, None)
-        if value is None or isinstance(value, bool):
-            if value is not None:
-                out[name] = value
-            continue
-        annotation = str(field.annotation)
-        if value.lower() in ("none", "null") and "None" in annotation:
-            out[name] = None
-        elif annotation.startswith(("list", "dict")):
-            try:
-                out[name] = json.loads(value)
-            except json.JSONDecodeError:
-                out[name] = [v.strip() for v in value.split(",") if v.strip()]
-        else:
-            out[name] = value
-    return out
+    return collect_flag_values(namespace, Settings)

@@ -19,55 +19,12 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
+from service.model_flags import add_model_flags, collect_flag_values
 from training.config import TrainConfig
 from training.presets import AugmentConfig
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel], prefix: str) -> None:
-    for name, field in model.model_fields.items():
-        if name == "augment":
-            continue
-        dest = f"{prefix}{name}"
-        help_text = field.description or ""
-        default = field.default if field.default is not None else "none"
-        if field.annotation is bool:
-            parser.add_argument(
-                _flag(dest),
-                dest=dest,
-                action=argparse.BooleanOptionalAction,
-                default=None,
-                help=f"{help_text} (default: {default})",
-            )
-        else:
-            parser.add_argument(
-                _flag(dest),
-                dest=dest,
-                default=None,
-                metavar="VALUE",
-                help=f"{help_text} (default: {default})".strip(),
-            )
-
-
-def _collect(args: argparse.Namespace, model: type[BaseModel], prefix: str) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for name, field in model.model_fields.items():
-        value = getattr(args, f"{prefix}{name}", None)
-        if value is None:
-            continue
-        if isinstance(value, str) and "tuple" in str(field.annotation):
-            value = [v.strip() for v in value.split(",")]
-        if isinstance(value, str) and value.lower() == "none" and "None" in str(field.annotation):
-            value = None
-        out[name] = value
-    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,8 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train or fine-tune a model")
     tr.add_argument("--config", type=Path, help="YAML file of TrainConfig fields")
     tr.add_argument("--resume", type=Path, help="continue the run of this checkpoint (last.pt)")
-    _add_model_flags(tr, TrainConfig, "")
-    _add_model_flags(tr, AugmentConfig, "augment_")
+    add_model_flags(tr, TrainConfig, skip=["augment"])
+    add_model_flags(tr, AugmentConfig, prefix="augment_")
 
     ev = sub.add_parser("evaluate", help="metrics of a checkpoint or ONNX model as JSON")
     ev.add_argument("model", type=Path, help="checkpoint (.pt) or exported model (.onnx)")
@@ -187,8 +144,8 @@ def _train(args: argparse.Namespace) -> int:
     else:
         config = TrainConfig.from_sources(
             args.config,
-            _collect(args, TrainConfig, ""),
-            augment=_collect(args, AugmentConfig, "augment_"),
+            collect_flag_values(args, TrainConfig),
+            augment=collect_flag_values(args, AugmentConfig, prefix="augment_"),
         )
         result = train(config, progress=not args.quiet)
     report = {
