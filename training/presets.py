@@ -16,7 +16,7 @@ import math
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torchvision import tv_tensors
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as F
@@ -47,7 +47,16 @@ class AugmentConfig(BaseModel):
     affine_p: float = Field(default=0.5, ge=0, le=1)
     color_jitter: float = Field(default=0.0, ge=0, le=1, description="brightness etc. strength")
     hue: float = Field(default=0.0, ge=0, le=0.5, description="hue jitter (costly on CPU)")
-    trivial_augment: bool = False
+    trivial_augment: bool = Field(default=False, description="TrivialAugmentWide")
+    rand_augment: bool = Field(default=False, description="RandAugment (Cubuk et al.)")
+    rand_augment_ops: int = Field(default=2, ge=1, le=14, description="RandAugment: ops per image")
+    rand_augment_magnitude: int = Field(default=9, ge=0, le=30, description="RandAugment: 0..30")
+
+    @model_validator(mode="after")
+    def _one_auto_augment(self) -> AugmentConfig:
+        if self.trivial_augment and self.rand_augment:
+            raise ValueError("choose one of trivial_augment and rand_augment")
+        return self
 
 
 class Letterbox(v2.Transform):
@@ -108,14 +117,15 @@ class BoxSafeCrop(v2.Transform):
         return F.crop(inpt, **params)
 
 
-class PhotometricTrivialAugment(v2.Transform):
-    """TrivialAugmentWide restricted to colour operations, so boxes stay valid."""
+class PhotometricAutoAugment(v2.Transform):
+    """TrivialAugmentWide or RandAugment restricted to colour operations, so boxes stay
+    valid: their shears, translations and rotations would move the object off its box."""
 
     _GEOMETRIC: ClassVar[set[str]] = {"ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate"}
 
-    def __init__(self) -> None:
+    def __init__(self, inner: v2.TrivialAugmentWide | v2.RandAugment) -> None:
         super().__init__()
-        self.inner = v2.TrivialAugmentWide()
+        self.inner = inner
         self.inner._AUGMENTATION_SPACE = {
             k: v for k, v in self.inner._AUGMENTATION_SPACE.items() if k not in self._GEOMETRIC
         }
@@ -124,6 +134,18 @@ class PhotometricTrivialAugment(v2.Transform):
         image, *rest = inputs if len(inputs) > 1 else (inputs[0],)
         out = self.inner(image)
         return (out, *rest) if rest else out
+
+
+def auto_augment(aug: AugmentConfig, *, with_boxes: bool) -> v2.Transform | None:
+    """The automatic augmentation policy ``aug`` asks for (photometric only with boxes)."""
+    policy: v2.TrivialAugmentWide | v2.RandAugment
+    if aug.trivial_augment:
+        policy = v2.TrivialAugmentWide()
+    elif aug.rand_augment:
+        policy = v2.RandAugment(num_ops=aug.rand_augment_ops, magnitude=aug.rand_augment_magnitude)
+    else:
+        return None
+    return PhotometricAutoAugment(policy) if with_boxes else policy
 
 
 def eval_resize(prep: Preprocessing, height: int, width: int) -> list[v2.Transform]:
@@ -193,8 +215,9 @@ def train_transform(
     if aug.color_jitter > 0 or aug.hue > 0:
         s = aug.color_jitter
         steps.append(v2.ColorJitter(brightness=s, contrast=s, saturation=s, hue=aug.hue))
-    if aug.trivial_augment:
-        steps.append(PhotometricTrivialAugment() if with_boxes else v2.TrivialAugmentWide())
+    policy = auto_augment(aug, with_boxes=with_boxes)
+    if policy is not None:
+        steps.append(policy)
     steps.append(v2.ToImage())
     if with_boxes:
         steps.append(v2.ClampBoundingBoxes())

@@ -3,6 +3,8 @@ the object."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -97,9 +99,12 @@ def test_classification_train_transform_output() -> None:
     assert out.shape == (3, 64, 64) and out.dtype == torch.uint8
 
 
-def test_photometric_trivial_augment_never_moves_the_box() -> None:
+@pytest.mark.parametrize(
+    "policy", [{"trivial_augment": True}, {"rand_augment": True, "rand_augment_magnitude": 20}]
+)
+def test_photometric_auto_augment_never_moves_the_box(policy: dict[str, Any]) -> None:
     prep = Preprocessing(resize_mode=ResizeMode.STRETCH, resize_size=64)
-    aug = AugmentConfig(crop_scale=(1.0, 1.0), hflip=0.0, trivial_augment=True)
+    aug = AugmentConfig(crop_scale=(1.0, 1.0), hflip=0.0, **policy)
     transform = train_transform(prep, 64, 64, aug, with_boxes=True)
     image = _object_image(64, 64, (10, 20, 30, 40))
     for seed in range(20):
@@ -107,3 +112,19 @@ def test_photometric_trivial_augment_never_moves_the_box() -> None:
         boxes = tv_tensors.BoundingBoxes([(10, 20, 30, 40)], format="XYXY", canvas_size=(64, 64))
         _, out_boxes = transform(image, boxes)
         assert [float(v) for v in out_boxes[0]] == [10.0, 20.0, 30.0, 40.0]
+
+
+def test_rand_augment_changes_pixels_and_is_exclusive_with_trivial_augment() -> None:
+    prep = Preprocessing(resize_mode=ResizeMode.CENTER_CROP, resize_size=73)
+    still = {"crop_scale": (1.0, 1.0), "crop_ratio": (1.0, 1.0), "hflip": 0.0}
+    aug = AugmentConfig(**still, rand_augment=True, rand_augment_ops=3)
+    transform = train_transform(prep, 64, 64, aug, with_boxes=False)
+    plain = train_transform(prep, 64, 64, AugmentConfig(**still), with_boxes=False)
+    image = _object_image(100, 80, (10, 10, 30, 30))
+    torch.manual_seed(0)
+    changed = sum(
+        not torch.equal(transform(image), plain(image)) for _ in range(10)
+    )  # nothing else is random; three ops almost never all draw Identity
+    assert changed >= 8
+    with pytest.raises(ValueError, match="one of trivial_augment and rand_augment"):
+        AugmentConfig(trivial_augment=True, rand_augment=True)
