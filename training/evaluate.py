@@ -1,5 +1,9 @@
 """Metrics for a trained model on a labelled folder: a checkpoint, or an exported ONNX model.
 
+Also the torch side's shared pieces: ``predict`` (a model over a loader) and
+``evaluate_predictions``, which training's per-epoch evaluation uses too, so imports run
+train → evaluate and never back.
+
 Both paths print the same metrics (``training.metrics.compute_metrics``). A checkpoint is
 run through training's eval transform; an ONNX model through the service's own
 preprocessing and ONNX Runtime, so its numbers are the ones production will see. Boxes of
@@ -13,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -24,7 +29,54 @@ from training.data import ImageDataset, collate_skipping_failures, eval_decoder,
 from training.metrics import compute_metrics
 from training.models import InputNormalize
 from training.presets import eval_transform
-from training.train import evaluate_predictions, predict, resolve_device
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@torch.no_grad()
+def predict(
+    model: torch.nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    normalize: InputNormalize,
+    progress: bool = False,
+) -> dict[str, np.ndarray]:
+    """Run a model over a loader: probabilities, labels, predicted and true boxes."""
+    model.eval()
+    probs, labels, pred_boxes, true_boxes = [], [], [], []
+    for batch in tqdm(loader, desc="eval", leave=False, disable=not progress):
+        if batch is None:
+            continue
+        images, y, boxes = batch
+        logits, pb, _ = model(normalize(images.to(device, non_blocking=True)))
+        probs.append(torch.softmax(logits.float(), dim=1).cpu())
+        labels.append(y)
+        true_boxes.append(boxes)
+        if pb is not None:
+            pred_boxes.append(pb.float().cpu())
+    out = {
+        "probs": torch.cat(probs).numpy(),
+        "labels": torch.cat(labels).numpy(),
+        "true_boxes": torch.cat(true_boxes).numpy(),
+    }
+    if pred_boxes:
+        out["pred_boxes"] = torch.cat(pred_boxes).numpy()
+    return out
+
+
+def evaluate_predictions(pred: dict[str, np.ndarray], classes: list[str]) -> dict[str, Any]:
+    with_boxes = "pred_boxes" in pred and not np.isnan(pred["true_boxes"]).any()
+    return compute_metrics(
+        pred["probs"],
+        pred["labels"],
+        classes,
+        pred.get("pred_boxes") if with_boxes else None,
+        pred["true_boxes"] if with_boxes else None,
+    )
 
 
 def evaluate_checkpoint(

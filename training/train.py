@@ -1,5 +1,9 @@
 """The training loop: two-stage fine-tuning, checkpoints, metrics, plots.
 
+Laid out like torchvision's reference scripts: ``set_up`` builds the run (data, model,
+EMA, resume state), ``train_one_epoch`` and ``evaluate`` do one epoch each, and ``train``
+is the thin loop between them that switches stages, keeps the best epoch and checkpoints.
+
 Stage 1 trains only the new head(s) on a frozen pretrained trunk (BatchNorm statistics
 frozen too). Stage 2 unfreezes the top N trunk blocks, or all of it, at a lower learning
 rate than the heads (discriminative LR). Training from scratch skips stage 1, which would
@@ -20,7 +24,7 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +36,7 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 from torchvision.ops import generalized_box_iou_loss
 from tqdm import tqdm
 
-from service.model_spec import Task
+from service.model_spec import Preprocessing, Task
 from training.checkpoint import checkpoint_state, load_checkpoint, save_checkpoint
 from training.config import TrainConfig
 from training.data import (
@@ -42,7 +46,8 @@ from training.data import (
     eval_decoder,
     load_dataset,
 )
-from training.metrics import compute_metrics, summary
+from training.evaluate import evaluate_predictions, predict, resolve_device
+from training.metrics import summary
 from training.models import ImageModel, InputNormalize, build_model
 from training.plots import plot_confusion, plot_curves, write_per_class
 from training.presets import eval_transform, train_transform
@@ -63,12 +68,6 @@ class RunResult:
     best_metrics: dict[str, float]
     history: list[dict[str, Any]]
     wall_seconds: float
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def primary_metric(task: Task) -> str:
@@ -175,48 +174,6 @@ def compute_loss(
     return loss, parts
 
 
-@torch.no_grad()
-def predict(
-    model: torch.nn.Module,
-    loader: DataLoader,
-    device: torch.device,
-    normalize: InputNormalize,
-    progress: bool = False,
-) -> dict[str, np.ndarray]:
-    """Run a model over a loader: probabilities, labels, predicted and true boxes."""
-    model.eval()
-    probs, labels, pred_boxes, true_boxes = [], [], [], []
-    for batch in tqdm(loader, desc="eval", leave=False, disable=not progress):
-        if batch is None:
-            continue
-        images, y, boxes = batch
-        logits, pb, _ = model(normalize(images.to(device, non_blocking=True)))
-        probs.append(torch.softmax(logits.float(), dim=1).cpu())
-        labels.append(y)
-        true_boxes.append(boxes)
-        if pb is not None:
-            pred_boxes.append(pb.float().cpu())
-    out = {
-        "probs": torch.cat(probs).numpy(),
-        "labels": torch.cat(labels).numpy(),
-        "true_boxes": torch.cat(true_boxes).numpy(),
-    }
-    if pred_boxes:
-        out["pred_boxes"] = torch.cat(pred_boxes).numpy()
-    return out
-
-
-def evaluate_predictions(pred: dict[str, np.ndarray], classes: list[str]) -> dict[str, Any]:
-    with_boxes = "pred_boxes" in pred and not np.isnan(pred["true_boxes"]).any()
-    return compute_metrics(
-        pred["probs"],
-        pred["labels"],
-        classes,
-        pred.get("pred_boxes") if with_boxes else None,
-        pred["true_boxes"] if with_boxes else None,
-    )
-
-
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
@@ -235,23 +192,50 @@ def _write_history(history: list[dict[str, Any]], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def train(
-    cfg: TrainConfig | None = None, *, resume: Path | None = None, progress: bool = True
-) -> RunResult:
-    """Train per ``cfg``, or continue the run of checkpoint ``resume`` with its own config."""
-    started = time.perf_counter()
-    state: dict[str, Any] | None = None
-    if resume is not None:
-        state = load_checkpoint(resume)
-        cfg = TrainConfig.model_validate(state["config"])
-        log.info("resuming %s at epoch %d", resume, state["epoch"] + 1)
-    if cfg is None:
-        raise ValueError("train() needs a config or a checkpoint to resume")
+@dataclass
+class Run:
+    """What one training run holds from setup to its last epoch."""
+
+    cfg: TrainConfig
+    run_dir: Path
+    device: torch.device
+    use_amp: bool
+    index: DatasetIndex
+    task: Task
+    prep: Preprocessing
+    train_loader: DataLoader
+    val_loader: DataLoader
+    generator: torch.Generator
+    model: ImageModel
+    normalize: InputNormalize
+    memory_format: torch.memory_format
+    ema: AveragedModel | None
+    class_weights: torch.Tensor | None
+    scaler: torch.amp.GradScaler
+    freeze_epochs: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    start_epoch: int = 0
+    best_value: float = -1.0
+    best_epoch: int = 0
+    bad_epochs: int = 0
+
+    @property
+    def metric_name(self) -> str:
+        return primary_metric(self.task)
+
+    def stage_of(self, epoch: int) -> int:
+        return 1 if epoch < self.freeze_epochs else 2
+
+    def stage_epochs(self, stage: int) -> int:
+        return self.freeze_epochs if stage == 1 else self.cfg.epochs - self.freeze_epochs
+
+
+def set_up(cfg: TrainConfig, state: dict[str, Any] | None) -> Run:
+    """Data, model, EMA and loss weights for ``cfg``; a resume ``state`` restores them."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     _seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
-    use_amp = cfg.amp and device.type == "cuda"
     run_dir = Path(cfg.output)
     run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -265,7 +249,6 @@ def train(
             raise ValueError(f"{cfg.data}: the {split} split has no usable images")
     prep = cfg.preprocessing(task)
     train_loader, val_loader, generator = make_loaders(cfg, index, task)
-    steps_per_epoch = len(train_loader)
 
     model = build_model(
         cfg.backbone,
@@ -279,7 +262,6 @@ def train(
     ).to(device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)  # type: ignore[call-overload]
-    normalize = InputNormalize(prep.mean, prep.std).to(device)
     ema = (
         AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
         if cfg.ema_decay
@@ -291,49 +273,219 @@ def train(
             index.splits["train"].class_counts(len(index.classes)), dtype=torch.float
         )
         class_weights = (counts.sum() / (len(counts) * counts.clamp(min=1))).to(device)
-    freeze_epochs = 0 if cfg.from_scratch else cfg.freeze_epochs
     if cfg.from_scratch and cfg.freeze_epochs:
         log.info("training from scratch: stage 1 (frozen trunk) skipped")
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-
-    history: list[dict[str, Any]] = []
-    start_epoch, best_value, best_epoch, bad_epochs = 0, -1.0, 0, 0
+    use_amp = cfg.amp and device.type == "cuda"
+    run = Run(
+        cfg=cfg,
+        run_dir=run_dir,
+        device=device,
+        use_amp=use_amp,
+        index=index,
+        task=task,
+        prep=prep,
+        train_loader=train_loader,
+        val_loader=val_loader,
+        generator=generator,
+        model=model,
+        normalize=InputNormalize(prep.mean, prep.std).to(device),
+        memory_format=memory_format,
+        ema=ema,
+        class_weights=class_weights,
+        scaler=torch.amp.GradScaler("cuda", enabled=use_amp),
+        freeze_epochs=0 if cfg.from_scratch else cfg.freeze_epochs,
+    )
     if state is not None:
         model.load_state_dict(state["model"])
         if ema is not None and state.get("ema"):
             ema.load_state_dict(state["ema"])
-        scaler.load_state_dict(state["scaler"])
-        history = list(state["history"])
-        start_epoch = int(state["epoch"])
-        best_value, best_epoch = float(state["best_value"]), int(state["best_epoch"])
-        bad_epochs = int(state.get("bad_epochs", 0))
+        run.scaler.load_state_dict(state["scaler"])
+        run.history = list(state["history"])
+        run.start_epoch = int(state["epoch"])
+        run.best_value, run.best_epoch = float(state["best_value"]), int(state["best_epoch"])
+        run.bad_epochs = int(state.get("bad_epochs", 0))
+    return run
 
+
+def train_one_epoch(
+    run: Run,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    *,
+    desc: str,
+    progress: bool,
+) -> dict[str, float]:
+    """One pass over the train loader; the mean of each loss term and the images/s."""
+    model, cfg, device = run.model, run.cfg, run.device
+    started = time.perf_counter()
+    model.train()
+    totals: dict[str, float] = {}
+    seen = 0
+    bar = tqdm(run.train_loader, desc=desc, leave=False, disable=not progress)
+    for batch in bar:
+        if batch is None:
+            continue
+        images, labels, boxes = (t.to(device, non_blocking=True) for t in batch)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=run.use_amp):
+            inputs = run.normalize(images).contiguous(memory_format=run.memory_format)
+            logits, pred_boxes, _ = model(inputs)
+        loss, parts = compute_loss(logits, pred_boxes, labels, boxes, cfg, run.class_weights)
+        optimizer.zero_grad(set_to_none=True)
+        run.scaler.scale(loss).backward()
+        if cfg.grad_clip:
+            run.scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        run.scaler.step(optimizer)
+        run.scaler.update()
+        scheduler.step()
+        if run.ema is not None:
+            run.ema.update_parameters(model)
+        n = len(labels)
+        seen += n
+        totals["loss"] = totals.get("loss", 0.0) + float(loss.detach()) * n
+        for k, v in parts.items():
+            totals[k] = totals.get(k, 0.0) + v * n
+        bar.set_postfix(loss=f"{float(loss.detach()):.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+    means = {
+        ("train_loss" if k == "loss" else f"train_{k}"): v / max(1, seen) for k, v in totals.items()
+    }
+    means.setdefault("train_loss", 0.0)
+    means["train_images_per_s"] = seen / (time.perf_counter() - started)
+    return means
+
+
+def evaluate(run: Run) -> tuple[dict[str, Any], float]:
+    """The val split's metrics (on the EMA weights when there are any) and its loss."""
+    eval_model = run.ema.module if run.ema is not None else run.model
+    pred = predict(eval_model, run.val_loader, run.device, run.normalize)
+    metrics = evaluate_predictions(pred, run.index.classes)
+    val_loss = float(
+        F.nll_loss(
+            torch.log(torch.from_numpy(pred["probs"]).clamp_min(1e-12)),
+            torch.from_numpy(pred["labels"]),
+        )
+    )
+    return metrics, val_loss
+
+
+def save_epoch(
+    run: Run,
+    epoch: int,
+    stage: int,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    metrics: dict[str, Any],
+    improved: bool,
+) -> None:
+    """``last.pt`` (and ``best.pt`` when improved) after ``epoch`` (0-based), and the CSV."""
+    checkpoint = checkpoint_state(
+        model=run.model.state_dict(),
+        ema=run.ema.state_dict() if run.ema is not None else None,
+        epoch=epoch + 1,
+        config=run.cfg,
+        classes=run.index.classes,
+        task=run.task,
+        input_size=(run.cfg.input_size, run.cfg.input_size),
+        preprocessing=run.prep,
+        metrics={
+            **summary(metrics),
+            "confusion_matrix": metrics["confusion_matrix"],
+            "per_class": metrics["per_class"],
+        },
+        progress={
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": run.scaler.state_dict(),
+            "stage": stage,
+            "history": run.history,
+            "best_value": run.best_value,
+            "best_epoch": run.best_epoch,
+            "bad_epochs": run.bad_epochs,
+        },
+    )
+    save_checkpoint(checkpoint, run.run_dir / "last.pt")
+    if improved:
+        save_checkpoint(checkpoint, run.run_dir / "best.pt")
+    if run.cfg.keep_epoch_checkpoints:
+        save_checkpoint(checkpoint, run.run_dir / f"epoch_{epoch + 1:03d}.pt")
+    _write_history(run.history, run.run_dir / "metrics.csv")
+
+
+def _log_epoch(run: Run, row: dict[str, Any], stage: int) -> None:
+    log.info(
+        "epoch %d/%d stage %d: train_loss %.3f val_loss %.3f top1 %.4f%s (%.0f img/s, %.1f s)",
+        row["epoch"],
+        run.cfg.epochs,
+        stage,
+        row["train_loss"],
+        row["val_loss"],
+        row["top1"],
+        f" loc_acc {row['loc_acc']:.4f} mIoU {row['mean_iou']:.3f}" if "loc_acc" in row else "",
+        row["train_images_per_s"],
+        row["epoch_seconds"],
+    )
+
+
+def finish(run: Run, started: float) -> RunResult:
+    """Plots and per-class tables of the best epoch; the run's result."""
+    best_path = run.run_dir / "best.pt"
+    best = load_checkpoint(best_path)
+    plot_curves(run.history, run.run_dir / "curves.png")
+    plot_confusion(
+        best["metrics"]["confusion_matrix"], run.index.classes, run.run_dir / "confusion_matrix.png"
+    )
+    table = write_per_class(best["metrics"]["per_class"], run.run_dir / "per_class.csv")
+    (run.run_dir / "per_class.md").write_text(table + "\n")
+    best_metrics = {
+        k: v for k, v in best["metrics"].items() if k not in ("confusion_matrix", "per_class")
+    }
+    return RunResult(
+        run_dir=run.run_dir,
+        best_checkpoint=best_path,
+        last_checkpoint=run.run_dir / "last.pt",
+        best_epoch=int(best["epoch"]),
+        best_metrics=best_metrics,
+        history=run.history,
+        wall_seconds=time.perf_counter() - started,
+    )
+
+
+def train(
+    cfg: TrainConfig | None = None, *, resume: Path | None = None, progress: bool = True
+) -> RunResult:
+    """Train per ``cfg``, or continue the run of checkpoint ``resume`` with its own config."""
+    started = time.perf_counter()
+    state: dict[str, Any] | None = None
+    if resume is not None:
+        state = load_checkpoint(resume)
+        cfg = TrainConfig.model_validate(state["config"])
+        log.info("resuming %s at epoch %d", resume, state["epoch"] + 1)
+    if cfg is None:
+        raise ValueError("train() needs a config or a checkpoint to resume")
+    run = set_up(cfg, state)
     writer = None
     if cfg.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(run_dir / "tensorboard"))
-
-    metric_name = primary_metric(task)
-    stage, optimizer, scheduler = 0, None, None
-    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
+        writer = SummaryWriter(str(run.run_dir / "tensorboard"))
     log.info(
         "training %s on %s (%s, %d classes, %d train / %d val) on %s for %d epochs",
         cfg.backbone,
         cfg.data,
-        task.value,
-        len(index.classes),
-        len(index.splits["train"].samples),
-        len(index.splits["val"].samples),
-        device,
+        run.task.value,
+        len(run.index.classes),
+        len(run.index.splits["train"].samples),
+        len(run.index.splits["val"].samples),
+        run.device,
         cfg.epochs,
     )
-    for epoch in range(start_epoch, cfg.epochs):
-        epoch_stage = 1 if epoch < freeze_epochs else 2
-        if epoch_stage != stage:
-            stage = epoch_stage
-            stage_epochs = freeze_epochs if stage == 1 else cfg.epochs - freeze_epochs
-            optimizer, scheduler = make_stage(model, cfg, stage, stage_epochs, steps_per_epoch)
+    stage, optimizer, scheduler = 0, None, None
+    for epoch in range(run.start_epoch, cfg.epochs):
+        if run.stage_of(epoch) != stage:
+            stage = run.stage_of(epoch)
+            optimizer, scheduler = make_stage(
+                run.model, cfg, stage, run.stage_epochs(stage), len(run.train_loader)
+            )
             if state is not None and int(state["stage"]) == stage:
                 optimizer.load_state_dict(state["optimizer"])
                 scheduler.load_state_dict(state["scheduler"])
@@ -341,143 +493,40 @@ def train(
         # Seeding per epoch makes a resumed run draw the same shuffles and augmentations
         # as an uninterrupted one.
         torch.manual_seed(cfg.seed * 100_003 + epoch)
-        generator.manual_seed(cfg.seed * 100_003 + epoch)
+        run.generator.manual_seed(cfg.seed * 100_003 + epoch)
 
         epoch_started = time.perf_counter()
-        model.train()
-        totals: dict[str, float] = {}
-        seen = 0
-        bar = tqdm(
-            train_loader,
-            desc=f"epoch {epoch + 1}/{cfg.epochs} (stage {stage})",
-            leave=False,
-            disable=not progress,
-        )
-        for batch in bar:
-            if batch is None:
-                continue
-            images, labels, boxes = (t.to(device, non_blocking=True) for t in batch)
-            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                inputs = normalize(images).contiguous(memory_format=memory_format)
-                logits, pred_boxes, _ = model(inputs)
-            loss, parts = compute_loss(logits, pred_boxes, labels, boxes, cfg, class_weights)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.grad_clip:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            if ema is not None:
-                ema.update_parameters(model)
-            n = len(labels)
-            seen += n
-            totals["loss"] = totals.get("loss", 0.0) + float(loss.detach()) * n
-            for k, v in parts.items():
-                totals[k] = totals.get(k, 0.0) + v * n
-            bar.set_postfix(
-                loss=f"{float(loss.detach()):.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}"
-            )
-        train_seconds = time.perf_counter() - epoch_started
-
-        eval_model = ema.module if ema is not None else model
-        pred = predict(eval_model, val_loader, device, normalize)
-        metrics = evaluate_predictions(pred, index.classes)
-        val_loss = float(
-            F.nll_loss(
-                torch.log(torch.from_numpy(pred["probs"]).clamp_min(1e-12)),
-                torch.from_numpy(pred["labels"]),
-            )
-        )
+        desc = f"epoch {epoch + 1}/{cfg.epochs} (stage {stage})"
+        trained = train_one_epoch(run, optimizer, scheduler, desc=desc, progress=progress)
+        metrics, val_loss = evaluate(run)
         row: dict[str, Any] = {
             "epoch": epoch + 1,
             "stage": stage,
             "lr": scheduler.get_last_lr()[0],
-            "train_loss": totals.get("loss", 0.0) / max(1, seen),
-            **{f"train_{k}": v / max(1, seen) for k, v in totals.items() if k != "loss"},
+            "train_loss": trained.pop("train_loss"),
+            **{k: v for k, v in trained.items() if k != "train_images_per_s"},
             "val_loss": val_loss,
             **{k: v for k, v in summary(metrics).items() if k != "samples"},
-            "train_images_per_s": seen / train_seconds,
+            "train_images_per_s": trained["train_images_per_s"],
             "epoch_seconds": time.perf_counter() - epoch_started,
         }
-        history.append(row)
-        improved = row[metric_name] > best_value
+        run.history.append(row)
+        improved = row[run.metric_name] > run.best_value
         if improved:
-            best_value, best_epoch, bad_epochs = row[metric_name], epoch + 1, 0
+            run.best_value, run.best_epoch, run.bad_epochs = row[run.metric_name], epoch + 1, 0
         else:
-            bad_epochs += 1
-        log.info(
-            "epoch %d/%d stage %d: train_loss %.3f val_loss %.3f top1 %.4f%s (%.0f img/s, %.1f s)",
-            epoch + 1,
-            cfg.epochs,
-            stage,
-            row["train_loss"],
-            val_loss,
-            row["top1"],
-            f" loc_acc {row['loc_acc']:.4f} mIoU {row['mean_iou']:.3f}" if "loc_acc" in row else "",
-            row["train_images_per_s"],
-            row["epoch_seconds"],
-        )
+            run.bad_epochs += 1
+        _log_epoch(run, row, stage)
         if writer is not None:
             for k, v in row.items():
                 if k != "epoch":
                     writer.add_scalar(k, v, epoch + 1)
-
-        checkpoint = checkpoint_state(
-            model=model.state_dict(),
-            ema=ema.state_dict() if ema is not None else None,
-            epoch=epoch + 1,
-            config=cfg,
-            classes=index.classes,
-            task=task,
-            input_size=(cfg.input_size, cfg.input_size),
-            preprocessing=prep,
-            metrics={
-                **summary(metrics),
-                "confusion_matrix": metrics["confusion_matrix"],
-                "per_class": metrics["per_class"],
-            },
-            progress={
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "stage": stage,
-                "history": history,
-                "best_value": best_value,
-                "best_epoch": best_epoch,
-                "bad_epochs": bad_epochs,
-            },
-        )
-        save_checkpoint(checkpoint, last_path)
-        if improved:
-            save_checkpoint(checkpoint, best_path)
-        if cfg.keep_epoch_checkpoints:
-            save_checkpoint(checkpoint, run_dir / f"epoch_{epoch + 1:03d}.pt")
-        _write_history(history, run_dir / "metrics.csv")
+        save_epoch(run, epoch, stage, optimizer, scheduler, metrics, improved)
         state = None  # resume state is consumed after its first epoch
-        if cfg.early_stopping_patience and bad_epochs >= cfg.early_stopping_patience:
-            log.info("early stopping: no %s improvement for %d epochs", metric_name, bad_epochs)
+        patience = cfg.early_stopping_patience
+        if patience and run.bad_epochs >= patience:
+            log.info("early stopping: no %s improvement for %d epochs", run.metric_name, patience)
             break
     if writer is not None:
         writer.close()
-
-    best = load_checkpoint(best_path)
-    plot_curves(history, run_dir / "curves.png")
-    plot_confusion(
-        best["metrics"]["confusion_matrix"], index.classes, run_dir / "confusion_matrix.png"
-    )
-    table = write_per_class(best["metrics"]["per_class"], run_dir / "per_class.csv")
-    (run_dir / "per_class.md").write_text(table + "\n")
-    best_metrics = {
-        k: v for k, v in best["metrics"].items() if k not in ("confusion_matrix", "per_class")
-    }
-    return RunResult(
-        run_dir=run_dir,
-        best_checkpoint=best_path,
-        last_checkpoint=last_path,
-        best_epoch=int(best["epoch"]),
-        best_metrics=best_metrics,
-        history=history,
-        wall_seconds=time.perf_counter() - started,
-    )
+    return finish(run, started)

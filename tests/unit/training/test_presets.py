@@ -116,7 +116,7 @@ def test_photometric_auto_augment_never_moves_the_box(policy: dict[str, Any]) ->
 
 def test_rand_augment_changes_pixels_and_is_exclusive_with_trivial_augment() -> None:
     prep = Preprocessing(resize_mode=ResizeMode.CENTER_CROP, resize_size=73)
-    still = {"crop_scale": (1.0, 1.0), "crop_ratio": (1.0, 1.0), "hflip": 0.0}
+    still: dict[str, Any] = {"crop_scale": (1.0, 1.0), "crop_ratio": (1.0, 1.0), "hflip": 0.0}
     aug = AugmentConfig(**still, rand_augment=True, rand_augment_ops=3)
     transform = train_transform(prep, 64, 64, aug, with_boxes=False)
     plain = train_transform(prep, 64, 64, AugmentConfig(**still), with_boxes=False)
