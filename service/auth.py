@@ -140,4 +140,4 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:  # unknown method: UNIMPLEMENTED, as without a token
             return handler
-        return _refusing(handler, self.refuse, method)  # type: ignore[no-any-return]
+        return _refusing(handler, self.refuse, method)

@@ -316,11 +316,12 @@ class ClassifierClient(_Base):
     def get_model(
         self, model: str = "", version: str = "", timeout: float | None = None
     ) -> pb.ModelInfo:
-        return self.stub.GetModel(
+        info: pb.ModelInfo = self.stub.GetModel(
             pb.GetModelRequest(model=model, version=version),
             timeout=timeout or self.timeout,
             metadata=self.metadata,
         )
+        return info
 
     def health(self, service: str = "", timeout: float | None = None) -> str:
         """'SERVING', 'NOT_SERVING', ... for the server ("") or one service name."""
@@ -408,11 +409,12 @@ class AsyncClassifierClient(_Base):
     async def get_model(
         self, model: str = "", version: str = "", timeout: float | None = None
     ) -> pb.ModelInfo:
-        return await self.stub.GetModel(
+        info: pb.ModelInfo = await self.stub.GetModel(
             pb.GetModelRequest(model=model, version=version),
             timeout=timeout or self.timeout,
             metadata=self.metadata,
         )
+        return info
 
     async def health(self, service: str = "", timeout: float | None = None) -> str:
         response = await self.health_stub.Check(

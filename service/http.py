@@ -311,7 +311,9 @@ def infer_response(
 # --- the app -----------------------------------------------------------------------------
 
 
-def create_app(
+# The routes are closures over the app's parts, as FastAPI factories write them; mccabe
+# counts every route's branches into this one function, while each route stays small.
+def create_app(  # noqa: C901
     settings: Settings,
     repository: ModelRepository,
     pipeline: RequestPipeline,
@@ -511,7 +513,7 @@ def create_app(
             await form.close()
             if not images:
                 raise InvalidArgumentError("the form has no file fields; upload an image file")
-            return images  # type: ignore[return-value]
+            return images
         body = await request.body()
         if not body:
             raise InvalidArgumentError(

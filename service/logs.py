@@ -62,7 +62,7 @@ def configure(level: str = "INFO", fmt: str = "json") -> None:
     # Neither format shows the caller's file, line, thread or process, so the records need
     # not collect them: finding the caller walks the stack on every call (the logging
     # HOWTO's "Optimization" section names these switches).
-    logging._srcfile = None  # type: ignore[attr-defined]
+    logging._srcfile = None
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False

@@ -45,7 +45,8 @@ from service.errors import InvalidArgumentError, NotFoundError, UnavailableError
 from service.layout import MODEL_FILE, scan
 from service.metrics import Metrics
 from service.model_spec import ModelSpec
-from service.runner import Runner, RunnerOptions
+from service.runner import Runner
+from service.runner_options import RunnerOptions
 
 log = logging.getLogger(__name__)
 

@@ -74,11 +74,11 @@ def _first_in_mro(error: ServiceError, table: dict[type[ServiceError], Any]) -> 
 
 
 def status_code(error: ServiceError) -> grpc.StatusCode:
-    return _first_in_mro(error, STATUS_CODES) or grpc.StatusCode.INTERNAL  # type: ignore[no-any-return]
+    return _first_in_mro(error, STATUS_CODES) or grpc.StatusCode.INTERNAL
 
 
 def reason(error: ServiceError) -> str:
-    return _first_in_mro(error, REASONS) or "internal"  # type: ignore[no-any-return]
+    return _first_in_mro(error, REASONS) or "internal"
 
 
 def http_status(code: grpc.StatusCode) -> int:

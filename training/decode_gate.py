@@ -22,7 +22,8 @@ from PIL import Image
 
 from service.model_spec import DecodeMode, ModelSpec
 from service.preprocess import UNLIMITED, decode_for_model, preprocess_encoded
-from service.runner import CPU, Runner, RunnerOptions
+from service.runner import Runner
+from service.runner_options import CPU, RunnerOptions
 from training.data import load_dataset
 
 

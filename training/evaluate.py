@@ -23,7 +23,8 @@ from tqdm import tqdm
 
 from service.pipeline import run_pipeline
 from service.postprocess import cam_box, regression_box
-from service.runner import CPU, Runner, RunnerOptions
+from service.runner import Runner
+from service.runner_options import CPU, RunnerOptions
 from training.checkpoint import model_from_checkpoint
 from training.data import ImageDataset, collate_skipping_failures, eval_decoder, load_dataset
 from training.metrics import compute_metrics

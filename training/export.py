@@ -42,7 +42,8 @@ from service.model_spec import (
     Precision,
     Task,
 )
-from service.runner import CPU, Runner, RunnerOptions
+from service.runner import Runner
+from service.runner_options import CPU, RunnerOptions
 from training.checkpoint import LoadedModel, file_sha256, model_from_checkpoint
 from training.decode_gate import measure_decode_gate, with_decode
 from training.evaluate import evaluate_onnx

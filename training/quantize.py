@@ -17,7 +17,8 @@ import onnx
 from torch import nn
 
 from service.model_spec import ModelSpec, OutputSpec, Precision
-from service.runner import CPU, Runner, RunnerOptions
+from service.runner import Runner
+from service.runner_options import CPU, RunnerOptions
 from training.checkpoint import LoadedModel
 from training.evaluate import evaluate_onnx
 from training.verify import (

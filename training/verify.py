@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from service.model_spec import METADATA_KEY, ModelSpec, OutputSpec
-from service.runner import CPU, Runner, RunnerOptions
+from service.runner import Runner
+from service.runner_options import CPU, RunnerOptions
 from training.checkpoint import LoadedModel
 from training.data import eval_decoder, load_dataset
 from training.presets import eval_transform

@@ -1,7 +1,7 @@
-"""``python -m service.scoring``: score many images offline, exactly once, resumably.
+r"""``python -m service.scoring``: score many images offline, exactly once, resumably.
 
     python -m service.scoring --model models/demo --input photos/ --output scores/
-    python -m service.scoring --model models/demo/2 --input list.csv --output scores.jsonl \\
+    python -m service.scoring --model models/demo/2 --input list.csv --output scores.jsonl \
         --task localize
     python -m service.scoring --engine grpc --target localhost:50051 --model demo ...
     python -m service.scoring --engine ray [--address ray://head:10001] ...

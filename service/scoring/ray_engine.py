@@ -141,7 +141,7 @@ class RayEngine:
             **resources,
         )
         for batch in scored.iter_batches(batch_size=self.batch_size, batch_format="pyarrow"):
-            table: pa.Table = batch  # type: ignore[assignment]  # batch_format="pyarrow"
+            table: pa.Table = batch  # batch_format="pyarrow"
             for record in table.to_pylist():
                 yield from_record(record)
 

@@ -13,7 +13,8 @@ from PIL import Image
 
 from service.model_spec import DecodeMode
 from service.preprocess import ImageLimits, load_for_model, preprocess_encoded
-from service.runner import CPU, Runner, RunnerOptions
+from service.runner import Runner
+from service.runner_options import CPU, RunnerOptions
 from training.data import load_dataset
 from training.decode_gate import measure_decode_gate, with_decode
 from training.presets import eval_transform

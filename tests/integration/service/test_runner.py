@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from service.errors import InferenceError
-from service.runner import CPU, CUDA, TENSORRT, Runner, RunnerOptions, select_providers
+from service.runner import Runner, select_providers
+from service.runner_options import CPU, CUDA, TENSORRT, RunnerOptions
 
 pytestmark = pytest.mark.slow
 

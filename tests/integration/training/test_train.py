@@ -77,7 +77,7 @@ def test_resume_continues_at_the_next_epoch_with_optimizer_state(
         assert torch.allclose(value.float(), resumed["model"][key].float(), atol=1e-4), key
 
 
-def test_finetune_from_weights_file_loads_trunk_and_replaces_heads(
+def test_two_stage_finetune_from_a_weights_file(
     two_epoch_run: Path, tiny_demo: Path, tmp_path: Path
 ) -> None:
     source = model_from_checkpoint(two_epoch_run / "best.pt").model
@@ -88,22 +88,44 @@ def test_finetune_from_weights_file_loads_trunk_and_replaces_heads(
         assert torch.equal(value, model.trunk.state_dict()[key]), key
     assert model.classifier.weight.shape[0] == 3
 
-    # A real stage-1 run from that file: the frozen trunk must come out unchanged.
+    # A real two-stage fine-tune from that file: stage 1 (one epoch) trains the heads on
+    # the frozen trunk, stage 2 unfreezes the trunk at lr x backbone_lr_mult.
     cfg = TrainConfig.model_validate(
         tiny_train_config(
             tiny_demo,
             tmp_path / "ft",
             weights_file=two_epoch_run / "best.pt",
             freeze_epochs=1,
-            epochs=1,
+            epochs=2,
             lr=0.01,
+            backbone_lr_mult=0.1,
+            keep_epoch_checkpoints=True,
         )
     )
     result = train(cfg, progress=False)
-    tuned = load_checkpoint(result.last_checkpoint)["model"]
-    for key, value in source.trunk.state_dict().items():
-        assert torch.equal(value, tuned[f"trunk.{key}"]), key
-    assert not torch.equal(tuned["classifier.weight"], source.classifier.weight)
+    assert [(row["epoch"], row["stage"]) for row in result.history] == [(1, 1), (2, 2)]
+
+    stage1 = load_checkpoint(tmp_path / "ft" / "epoch_001.pt")
+    for key, value in source.trunk.state_dict().items():  # weights and BatchNorm statistics
+        assert torch.equal(value, stage1["model"][f"trunk.{key}"]), key
+    assert not torch.equal(stage1["model"]["classifier.weight"], source.classifier.weight)
+    assert {g["initial_lr"] for g in stage1["optimizer"]["param_groups"]} == {0.01}
+
+    stage2 = load_checkpoint(result.last_checkpoint)
+    trunk_keys = [f"trunk.{k}" for k in source.trunk.state_dict()]
+    assert any(not torch.equal(stage1["model"][k], stage2["model"][k]) for k in trunk_keys)
+    # Stage 2's optimizer: heads at lr, the trunk at lr x 0.1 (two groups each: decay or not).
+    assert sorted({g["initial_lr"] for g in stage2["optimizer"]["param_groups"]}) == [
+        pytest.approx(0.001),
+        pytest.approx(0.01),
+    ]
+
+    # Resumed after stage 1, the run builds stage 2 afresh and ends where it did.
+    resumed = train(resume=tmp_path / "ft" / "epoch_001.pt", progress=False)
+    assert [row["stage"] for row in resumed.history] == [1, 2]
+    again = load_checkpoint(resumed.last_checkpoint)["model"]
+    for key, value in stage2["model"].items():
+        assert torch.allclose(value.float(), again[key].float(), atol=1e-4), key
 
 
 def test_cli_evaluate_prints_metrics_json(two_epoch_run: Path, tiny_demo: Path) -> None:

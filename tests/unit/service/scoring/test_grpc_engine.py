@@ -7,7 +7,6 @@ import grpc
 import pytest
 
 from service.errors import REASON_KEY
-from service.scoring import grpc_engine
 from service.scoring.grpc_engine import blames_the_images, with_backoff
 
 
@@ -43,7 +42,7 @@ def test_what_blames_the_images() -> None:
 
 def test_busy_answers_are_retried_with_growing_waits(monkeypatch: pytest.MonkeyPatch) -> None:
     waits: list[float] = []
-    monkeypatch.setattr(grpc_engine.time, "sleep", waits.append)
+    monkeypatch.setattr("service.scoring.grpc_engine.time.sleep", waits.append)
     answers: list[object] = [QUEUE_FULL, QUEUE_FULL, QUEUE_FULL, "rows"]
 
     def call() -> object:
