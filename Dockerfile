@@ -1,7 +1,7 @@
-# syntax=docker/dockerfile:1
 # The serving images. No torch in either: they run exported ONNX models only.
 #
 #   docker build --target cpu -t imgclf:cpu .
+#   docker build --target scoring -t imgclf:scoring .   # cpu + batch scoring (Parquet), Ray workers
 #   docker build --target gpu -t imgclf:gpu .
 #   docker run -p 50051:50051 -p 8000:8000 -p 9090:9090 -v "$PWD/models:/models:ro" imgclf:cpu
 #
@@ -30,9 +30,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN groupadd --system --gid 10001 app \
     && useradd --system --uid 10001 --gid app --home-dir /app --create-home app
 WORKDIR /app
+# The locked versions (make lock), then the project without resolving anything else.
+COPY requirements/serve.lock /tmp/serve.lock
 COPY --from=builder /wheels/ /wheels/
-RUN pip install --no-cache-dir /wheels/*.whl \
-    && rm -rf /wheels \
+RUN pip install --no-cache-dir -r /tmp/serve.lock \
+    && pip install --no-cache-dir --no-deps /wheels/*.whl \
+    && rm -rf /wheels /tmp/serve.lock \
     && python -c "import service.server, sys; assert 'torch' not in sys.modules"
 USER 10001:10001
 EXPOSE 50051 8000 9090
@@ -40,6 +43,17 @@ VOLUME ["/models"]
 HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python", "-m", "service.client", "--target", "127.0.0.1:50051", "--timeout", "3", "health"]
 ENTRYPOINT ["python", "-m", "service"]
+
+# --- scoring: the cpu image plus what batch scoring adds (Parquet, progress) ---------------
+#   docker run -v "$PWD/models:/models:ro" -v "$PWD/data:/data" imgclf:scoring \
+#       --model /models/demo --input /data/in --output /data/scores/
+FROM cpu AS scoring
+USER 0
+COPY requirements/scoring.lock /tmp/scoring.lock
+RUN pip install --no-cache-dir -r /tmp/scoring.lock && rm /tmp/scoring.lock
+USER 10001:10001
+HEALTHCHECK NONE
+ENTRYPOINT ["python", "-m", "service.scoring"]
 
 # --- gpu: CUDA 13 + cuDNN 9 runtime, onnxruntime-gpu, TensorRT 10 libraries ---------------
 # onnxruntime-gpu 1.31 links libcudart.so.13, libcudnn.so.9 and libnvinfer.so.10.
@@ -61,13 +75,15 @@ RUN python3 -m venv /opt/venv \
     && useradd --system --uid 10001 --gid app --home-dir /app --create-home app \
     && mkdir -p /cache/tensorrt && chown app:app /cache/tensorrt
 WORKDIR /app
+COPY requirements/serve.lock /tmp/serve.lock
 COPY --from=builder /wheels/ /wheels/
-# The project depends on the CPU onnxruntime; the GPU build replaces it (same Python API).
-RUN pip install --no-cache-dir /wheels/*.whl \
-    && pip uninstall -y onnxruntime \
-    && pip install --no-cache-dir "onnxruntime-gpu==1.31.1" \
+# The serving lock with onnxruntime swapped for onnxruntime-gpu of the same version (same
+# Python API; requirements/constraints.txt keeps the two equal).
+RUN grep -v '^onnxruntime==' /tmp/serve.lock >/tmp/gpu.lock \
+    && pip install --no-cache-dir -r /tmp/gpu.lock "onnxruntime-gpu==1.31.1" \
+    && pip install --no-cache-dir --no-deps /wheels/*.whl \
     && pip install --no-cache-dir --extra-index-url https://pypi.nvidia.com "tensorrt-cu13-libs==10.16.1.11" \
-    && rm -rf /wheels
+    && rm -rf /wheels /tmp/serve.lock /tmp/gpu.lock
 ENV LD_LIBRARY_PATH=/opt/venv/lib/python3.12/site-packages/tensorrt_libs
 USER 10001:10001
 EXPOSE 50051 8000 9090

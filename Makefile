@@ -14,18 +14,21 @@ METRICS_PORT ?= 9090
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup proto test test-fast lint demo-data demo-model serve clean
+.PHONY: help setup proto test test-fast lint demo-data demo-model serve clean readme-check image-test lock
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+# The locked versions (requirements/dev.lock, from `make lock`), then the project itself
+# without letting pip resolve anything else.
+$(STAMP): pyproject.toml requirements/dev.lock
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[train,dev,ray]'
+	$(PY) -m pip install -q -r requirements/dev.lock
+	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
-setup: $(STAMP) proto  ## venv in .venv with the project, training and dev extras; generated protobuf code
+setup: $(STAMP) proto  ## venv in .venv with the locked project, training and dev dependencies; generated protobuf code
 
 proto: $(STAMP)  ## generate the gRPC Python code from proto/ (never committed)
 	@if [ -d proto ] && ls proto/classifier/v1/*.proto >/dev/null 2>&1; then \
@@ -41,7 +44,7 @@ test-fast: setup  ## the tests that start nothing and train nothing (seconds)
 lint: setup  ## ruff (lint + format check), mypy, hadolint
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy service training bench tests
+	$(VENV)/bin/mypy service training bench tests .ci/readme_commands.py
 	@if [ -f Dockerfile ]; then $(VENV)/bin/hadolint Dockerfile; fi
 
 demo-data: setup  ## build the offline demo dataset (digits on photos) in data/demo
@@ -59,3 +62,16 @@ serve: setup  ## serve models/: gRPC on :50051, HTTP (OIP REST, the page) on :80
 
 clean:  ## remove generated code, caches (keeps .venv, data, runs, models)
 	rm -rf service/proto_gen .pytest_cache .mypy_cache .ruff_cache
+
+readme-check: setup  ## run every README command as written (starts make serve if nothing serves)
+	$(PY) .ci/readme_commands.py
+
+image-test: setup demo-model  ## build the Dockerfile's cpu target with buildah and run it with podman (no Docker daemon needed)
+	bash .ci/image-test.sh
+
+LOCK = $(VENV)/bin/uv pip compile pyproject.toml --quiet --python-version 3.11 \
+	--python-platform x86_64-manylinux_2_28 -c requirements/constraints.txt
+lock: setup  ## refresh the lock files in requirements/ from pyproject.toml (then make setup installs them)
+	$(LOCK) -o requirements/serve.lock
+	$(LOCK) --extra scoring -o requirements/scoring.lock
+	$(LOCK) --extra train --extra dev --extra ray -o requirements/dev.lock

@@ -120,10 +120,12 @@ def test_kubernetes_manifests_fit_together() -> None:
     assert ("PersistentVolumeClaim", claim) in docs
 
 
-def dockerfile_instruction(name: str, target: str) -> str:
+def dockerfile_instruction(name: str, target: str, containing: str = "") -> str:
     text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
     stage = text.split(f" AS {target}", 1)[1].split("\nFROM ", 1)[0]
-    return next(line for line in stage.splitlines() if line.startswith(name + " "))
+    return next(
+        line for line in stage.splitlines() if line.startswith(name + " ") and containing in line
+    )
 
 
 @pytest.mark.parametrize("target", ["cpu", "gpu"])
@@ -134,10 +136,18 @@ def test_dockerfile_runs_the_server_and_checks_health_with_the_client(target: st
     command = json.loads(health.split("CMD", 1)[1])
     assert command[:3] == ["python", "-m", "service.client"] and command[-1] == "health"
     assert dockerfile_instruction("USER", target).split()[1] == "10001:10001"
-    install = dockerfile_instruction("RUN pip", target)
-    assert "/wheels/*.whl" in install and "torch" not in install.replace(
-        "'torch' not in sys.modules", ""
-    )
+    install = dockerfile_instruction("RUN", target, containing="/wheels/*.whl")
+    assert "-r /tmp/serve.lock" in install or "-r /tmp/gpu.lock" in install
+    assert "--no-deps /wheels/*.whl" in install
+    assert "torch" not in install.replace("'torch' not in sys.modules", "")
+
+
+def test_the_scoring_image_adds_the_scoring_lock_to_the_cpu_image() -> None:
+    assert "FROM cpu AS scoring" in (ROOT / "Dockerfile").read_text()
+    entrypoint = json.loads(dockerfile_instruction("ENTRYPOINT", "scoring").split(" ", 1)[1])
+    assert entrypoint == ["python", "-m", "service.scoring"]
+    assert "-r /tmp/scoring.lock" in dockerfile_instruction("RUN", "scoring", "scoring.lock")
+    assert dockerfile_instruction("USER", "scoring", "10001").split()[1] == "10001:10001"
 
 
 def test_rayjob_runs_the_scoring_cli_with_the_ray_engine() -> None:
