@@ -166,3 +166,30 @@ def test_rayjob_runs_the_scoring_cli_with_the_ray_engine() -> None:
     for group in workers:
         volumes = group["template"]["spec"]["volumes"]
         assert volumes[0]["persistentVolumeClaim"]["claimName"] == claim
+
+
+K8S_FILES = ["deploy/k8s/classifier.yaml", "deploy/k8s/hpa-pending-images.yaml"]
+
+
+@pytest.mark.parametrize("path", K8S_FILES)
+def test_kubernetes_manifests_pass_the_schema_validator(path: str) -> None:
+    import kubernetes_validate
+
+    for doc in yaml.safe_load_all((ROOT / path).read_text()):
+        kubernetes_validate.validate(doc, kubernetes_validate.latest_version(), strict=True)
+
+
+def test_the_queue_hpa_replaces_the_cpu_one_and_scales_on_a_served_metric() -> None:
+    base = {
+        (d["kind"], d["metadata"]["name"]): d
+        for d in yaml.safe_load_all((ROOT / "deploy/k8s/classifier.yaml").read_text())
+    }
+    queue = yaml.safe_load((ROOT / "deploy/k8s/hpa-pending-images.yaml").read_text())
+    cpu = base[("HorizontalPodAutoscaler", "imgclf")]
+    assert queue["metadata"] == cpu["metadata"]  # applying it replaces the CPU HPA
+    assert queue["spec"]["scaleTargetRef"] == cpu["spec"]["scaleTargetRef"]
+    (metric,) = queue["spec"]["metrics"]
+    name = metric["pods"]["metric"]["name"]
+    assert name in exposed_metric_names()
+    (rule,) = yaml.safe_load((ROOT / "deploy/k8s/prometheus-adapter-rules.yaml").read_text())
+    assert rule["name"]["as"] == name and name in rule["seriesQuery"]
