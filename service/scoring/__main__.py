@@ -18,6 +18,16 @@ import sys
 from pathlib import Path
 
 from service.layout import resolve_model_file
+
+try:  # the serving install leaves these out: say what to install instead of a traceback
+    import pyarrow  # noqa: F401
+    import tqdm  # noqa: F401
+except ImportError as missing:
+    sys.exit(
+        f"python -m service.scoring needs the scoring extra ({missing.name} is not "
+        "installed): pip install 'imgclf[scoring]'"
+    )
+
 from service.scoring.job import FORMATS, JobError, JobSpec, output_format, run_job
 from service.scoring.sources import find_inputs, fingerprint
 
