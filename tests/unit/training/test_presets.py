@@ -10,10 +10,17 @@ import pytest
 import torch
 from PIL import Image
 from torchvision import tv_tensors
+from torchvision.transforms import v2
 
 from service.model_spec import Preprocessing, ResizeMode
 from service.preprocess import resize_to_input
-from training.presets import AugmentConfig, eval_transform, train_transform
+from training.presets import (
+    AugmentConfig,
+    BoxSafeCrop,
+    eval_resize,
+    eval_transform,
+    train_transform,
+)
 
 MODES = [
     Preprocessing(resize_mode=ResizeMode.CENTER_CROP, resize_size=73),
@@ -128,3 +135,23 @@ def test_rand_augment_changes_pixels_and_is_exclusive_with_trivial_augment() -> 
     assert changed >= 8
     with pytest.raises(ValueError, match="one of trivial_augment and rand_augment"):
         AugmentConfig(trivial_augment=True, rand_augment=True)
+
+
+def test_the_fused_crop_and_stretch_equals_the_crop_then_the_resize() -> None:
+    prep = Preprocessing(resize_mode=ResizeMode.STRETCH, resize_size=48)
+    aug = AugmentConfig(crop_scale=(0.3, 1.0), hflip=0.0)
+    fused = train_transform(prep, 48, 48, aug, with_boxes=True)
+    assert isinstance(fused.transforms[0], BoxSafeCrop) and fused.transforms[0].resize_to
+    two_steps = v2.Compose(
+        [BoxSafeCrop(aug.crop_scale, aug.crop_ratio), *eval_resize(prep, 48, 48), v2.ToImage()]
+    )
+    image = _object_image(150, 110, (40, 30, 90, 80))
+    for seed in range(10):
+        boxes = tv_tensors.BoundingBoxes([(40, 30, 90, 80)], format="XYXY", canvas_size=(110, 150))
+        torch.manual_seed(seed)
+        got, got_boxes = fused(image, boxes)
+        torch.manual_seed(seed)
+        want, want_boxes = two_steps(image, boxes)
+        assert torch.equal(got, want)
+        assert torch.allclose(got_boxes.float(), want_boxes.float())
+        assert float(got_boxes.min()) >= 0 and float(got_boxes.max()) <= 48
