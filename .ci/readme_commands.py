@@ -10,7 +10,8 @@ exits 0 within its time limit. The exceptions are listed in POLICIES with their 
 * bounded: commands that run for many minutes (a full training run, the benchmark report)
   pass when they are still working, without an error, at their bound, or exit 0 before;
 * background: a command ending in `&` starts a server; the next commands run once its
-  `--port` accepts connections, and it is stopped at the end;
+  `--port` accepts connections, and it is stopped at the end. The command right after it
+  is retried for up to a minute, as a reader would retry while the server loads its model;
 * elsewhere: `make serve`/`make test` (CI runs them itself) and `docker` (no daemon here;
   the image is built and run by `make image-test`).
 
@@ -35,6 +36,7 @@ README = ROOT / "README.md"
 DEFAULT_TIMEOUT = 180.0
 PORT_WAIT_SECONDS = 90.0
 GRPC_PORT = 50051
+SERVER_START_RETRY_SECONDS = 60.0
 SERVE_GIVE_UP_SECONDS = 1200.0
 CREATED = [
     "models/demo/2",
@@ -45,6 +47,7 @@ CREATED = [
     "out.png",
     "scores",
     "scores.jsonl",
+    ".scores.jsonl.parts",
     "scores-grpc",
     "scores-ray",
     "list.csv",
@@ -182,6 +185,7 @@ def main() -> int:
     if not wait_for_port(GRPC_PORT, 0.5):
         background.append(start_make_serve(logs / "make-serve.log"))
     failed = 0
+    just_started = False
     try:
         for n, (kind, command) in enumerate(commands, 1):
             policy = policy_for(command) if kind == "bash" else Policy("run")
@@ -201,8 +205,14 @@ def main() -> int:
                 background.append(server)
                 ok = port is not None and wait_for_port(int(port.group(1)), PORT_WAIT_SECONDS)
                 why = "listening" if ok else "its --port never opened"
+                just_started = True
             else:
                 ok, why = run(kind, command, policy, log)
+                give_up = time.monotonic() + SERVER_START_RETRY_SECONDS
+                while just_started and not ok and time.monotonic() < give_up:
+                    time.sleep(2.0)
+                    ok, why = run(kind, command, policy, log)
+                just_started = False
             seconds = time.monotonic() - started
             print(f"{'PASS' if ok else 'FAIL'} {shown}  ({why}, {seconds:.1f} s)", flush=True)
             if not ok:
