@@ -2,7 +2,10 @@
 # Build the Dockerfile's `cpu` target and run it as a user would, with no Docker daemon:
 # Debian's buildah builds it and podman runs it. Fails (non-zero) unless the container
 # serves, classifies a JPEG over gRPC and REST, passes its HEALTHCHECK, runs as a non-root
-# user without torch, serves /metrics, and exits 0 on SIGTERM. Reports the image's size.
+# user without torch, serves /metrics, and exits 0 on SIGTERM; then podman-compose runs
+# docker-compose.yml's classifier service on the image and it must classify. Reports the
+# image's size. Uses the ports docker-compose.yml publishes (50051, 8000, 9090): run it
+# with no other server on them.
 #
 #   make image-test          # needs root for apt-get the first time; models/demo (make demo-model)
 #
@@ -34,10 +37,11 @@ ls models/demo/*/model.onnx >/dev/null 2>&1 || fail "no models/demo: run make de
 
 step "tools: buildah, podman, runc, debootstrap (Debian)"
 if ! command -v buildah >/dev/null || ! command -v podman >/dev/null \
-    || ! command -v runc >/dev/null || ! command -v debootstrap >/dev/null; then
+    || ! command -v runc >/dev/null || ! command -v debootstrap >/dev/null \
+    || ! command -v podman-compose >/dev/null; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    apt-get install -y -qq buildah podman runc debootstrap >/dev/null
+    apt-get install -y -qq buildah podman podman-compose runc debootstrap >/dev/null
 fi
 
 HARD_NOFILE=$(ulimit -Hn); [ "$HARD_NOFILE" = unlimited ] && HARD_NOFILE=1048576
@@ -133,5 +137,25 @@ step "SIGTERM: drain and exit 0"
 CODE=$("${PODMAN[@]}" inspect "$NAME" --format '{{.State.ExitCode}}')
 [ "$CODE" = 0 ] || { "${PODMAN[@]}" logs "$NAME" 2>&1 | tail -20; fail "exit code $CODE after SIGTERM"; }
 echo "exit code 0"
+
+step "compose: podman-compose runs docker-compose.yml's classifier service on that image"
+# Prometheus and Grafana images cannot be pulled here; their configuration is checked by
+# promtool and the dashboard test (tests/unit/deploy). The compose file is used as written,
+# from a copy of the project with the models it mounts (./models, read-only).
+rm -rf "$W/compose"; mkdir -p "$W/compose"
+cp docker-compose.yml "$W/compose/"; cp -a "$W/models" "$W/compose/models"
+COMPOSE=(podman-compose --podman-args "${STORE[*]} --runtime runc --cgroup-manager cgroupfs --events-backend file"
+    --podman-run-args "${ULIMITS[*]}" -f "$W/compose/docker-compose.yml")
+(cd "$W/compose" && "${COMPOSE[@]}" up -d --no-build --no-deps classifier) >"$W/compose.log" 2>&1 \
+    || { tail -20 "$W/compose.log"; fail "podman-compose up"; }
+trap '(cd "$W/compose" && "${COMPOSE[@]}" down -t 20) >>"$W/compose.log" 2>&1 || true' EXIT
+for _ in $(seq 60); do
+    [ "$("$PY" -m service.client --target 127.0.0.1:50051 --timeout 2 health 2>/dev/null)" = SERVING ] && break
+    sleep 2
+done
+"$PY" -m service.client --target 127.0.0.1:50051 classify "$JPEG" --top-k 1 \
+    || { tail -20 "$W/compose.log"; fail "the compose service does not classify"; }
+(cd "$W/compose" && "${COMPOSE[@]}" down -t 20) >>"$W/compose.log" 2>&1 || fail "podman-compose down"
+trap - EXIT
 
 step "passed in $(( $(date +%s) - T0 )) s; image size $(( SIZE / 1000000 )) MB"
