@@ -11,7 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from service.model_spec import DecodeMode, Interpolation, Preprocessing, ResizeMode, Task
-from training.models import BACKBONES
+from training.models import BACKBONES, backbone_info
 from training.presets import AugmentConfig
 
 
@@ -95,6 +95,17 @@ class TrainConfig(BaseModel):
     def _stages_fit(self) -> TrainConfig:
         if self.freeze_epochs > self.epochs:
             raise ValueError(f"freeze_epochs ({self.freeze_epochs}) > epochs ({self.epochs})")
+        info = backbone_info(self.backbone)
+        if self.input_size < info.min_input:
+            raise ValueError(
+                f"{self.backbone} needs input_size >= {info.min_input} (its strides leave no "
+                f"feature map below that); got {self.input_size}"
+            )
+        if self.pretrained and self.weights_file is None and not info.torchvision:
+            raise ValueError(
+                f"{self.backbone} has no pretrained weights (it is not in torchvision): "
+                "set pretrained: false (--no-pretrained) or give a weights_file"
+            )
         return self
 
     @property

@@ -28,6 +28,8 @@ import torchvision
 from torch import nn
 from torch.nn import functional as F
 
+from training.lenet import LENET_CHANNELS, LeNet5
+
 log = logging.getLogger(__name__)
 
 
@@ -41,6 +43,14 @@ class BackboneInfo:
     family: str
     feature_channels: int
     head_attrs: tuple[str, ...]  # torchvision attributes holding its ImageNet head
+    # The smallest input side the trunk accepts (its strides and kernels leave >= 1 cell).
+    min_input: int = 32
+    # The side it was designed for, where that is not the usual 224 (a hint, not a rule).
+    native_input: int | None = None
+    # False: not in torchvision, so there are no pretrained weights to fetch.
+    torchvision: bool = True
+    # Stages end at each max/avg-pool (plain conv stacks: VGG, AlexNet, LeNet).
+    stages_at_pools: bool = False
 
 
 BACKBONES: dict[str, BackboneInfo] = {
@@ -56,9 +66,43 @@ BACKBONES: dict[str, BackboneInfo] = {
         BackboneInfo("mobilenet_v2", "features", 1280, ("classifier",)),
         BackboneInfo("mobilenet_v3_small", "features", 576, ("classifier",)),
         BackboneInfo("mobilenet_v3_large", "features", 960, ("classifier",)),
-        BackboneInfo("vgg16_bn", "features", 512, ("classifier", "avgpool")),
+        BackboneInfo("vgg16_bn", "features", 512, ("classifier", "avgpool"), stages_at_pools=True),
         BackboneInfo("googlenet", "googlenet", 1024, ("fc", "aux1", "aux2")),
         BackboneInfo("densenet121", "densenet", 1024, ("classifier",)),
+        BackboneInfo(
+            "alexnet",
+            "features",
+            256,
+            ("classifier", "avgpool"),
+            min_input=63,
+            stages_at_pools=True,
+        ),
+        BackboneInfo(
+            "inception_v3",
+            "inception",
+            2048,
+            ("fc", "AuxLogits"),
+            min_input=75,
+            native_input=299,
+        ),
+        BackboneInfo(
+            "lenet5",
+            "features",
+            LENET_CHANNELS,
+            (),
+            native_input=32,
+            torchvision=False,
+            stages_at_pools=True,
+        ),
+        BackboneInfo(
+            "lenet5_gray",
+            "features",
+            LENET_CHANNELS,
+            (),
+            native_input=32,
+            torchvision=False,
+            stages_at_pools=True,
+        ),
     ]
 }
 
@@ -88,6 +132,29 @@ _GOOGLENET_TRUNK = (
     "inception5b",
 )
 
+_INCEPTION_TRUNK = (
+    "Conv2d_1a_3x3",
+    "Conv2d_2a_3x3",
+    "Conv2d_2b_3x3",
+    "maxpool1",
+    "Conv2d_3b_1x1",
+    "Conv2d_4a_3x3",
+    "maxpool2",
+    "Mixed_5b",
+    "Mixed_5c",
+    "Mixed_5d",
+    "Mixed_6a",
+    "Mixed_6b",
+    "Mixed_6c",
+    "Mixed_6d",
+    "Mixed_6e",
+    "Mixed_7a",
+    "Mixed_7b",
+    "Mixed_7c",
+)
+INCEPTION_AUX_AFTER = "Mixed_6e"  # where torchvision's InceptionAux taps the trunk
+INCEPTION_AUX_CHANNELS = 768
+
 
 class Trunk(nn.Module):
     """A torchvision classification network without its head, returning the feature map."""
@@ -99,10 +166,27 @@ class Trunk(nn.Module):
         for attr in info.head_attrs:
             if hasattr(net, attr):
                 setattr(net, attr, nn.Identity())
-        if info.family == "googlenet":
+        if info.family in ("googlenet", "inception"):
             net.aux_logits = False  # type: ignore[assignment]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features_and_aux_input(x)[0]
+
+    def features_and_aux_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The feature map, and for Inception v3 the map its auxiliary classifier reads."""
+        n: Any = self.net
+        if self.info.family == "inception":
+            if getattr(n, "transform_input", False):
+                x = n._transform_input(x)
+            aux_input = None
+            for name in _INCEPTION_TRUNK:
+                x = getattr(n, name)(x)
+                if name == INCEPTION_AUX_AFTER:
+                    aux_input = x
+            return x, aux_input
+        return self._features(x), None
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
         n: Any = self.net
         family = self.info.family
         if family == "resnet":
@@ -125,13 +209,15 @@ class Trunk(nn.Module):
             return [nn.ModuleList([n.conv1, n.bn1]), n.layer1, n.layer2, n.layer3, n.layer4]
         if self.info.family == "googlenet":
             return [getattr(n, name) for name in _GOOGLENET_TRUNK]
-        if self.info.name.startswith("vgg"):
-            # VGG's features are single layers; its stages end at each max-pool.
+        if self.info.family == "inception":
+            return [getattr(n, name) for name in _INCEPTION_TRUNK]
+        if self.info.stages_at_pools:
+            # Plain conv stacks are single layers; their stages end at each pooling.
             stages: list[nn.Module] = []
             current: list[nn.Module] = []
             for layer in n.features.children():
                 current.append(layer)
-                if isinstance(layer, nn.MaxPool2d):
+                if isinstance(layer, nn.MaxPool2d | nn.AvgPool2d):
                     stages.append(nn.ModuleList(current))
                     current = []
             return stages + ([nn.ModuleList(current)] if current else [])
@@ -162,6 +248,28 @@ class BoxHead(nn.Module):
         return torch.cat([lo, hi], dim=1)
 
 
+class AuxHead(nn.Module):
+    """Inception v3's auxiliary classifier, for training only (the export drops it).
+
+    Not torchvision's ``InceptionAux``: its fixed 5x5 pooling and 5x5 conv need the 17x17
+    map that only a 299 px input gives. This one pools adaptively, so it works at every
+    input size the trunk accepts; its job is the same, an extra gradient path into the
+    middle of a deep trunk (Szegedy et al., 2016).
+    """
+
+    def __init__(self, channels: int, num_classes: int, hidden: int = 128):
+        super().__init__()
+        self.reduce = nn.Sequential(
+            nn.Conv2d(channels, hidden, kernel_size=1, bias=False),
+            nn.BatchNorm2d(hidden, eps=0.001),
+            nn.ReLU(inplace=True),
+        )
+        self.fc = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.reduce(x).mean(dim=(2, 3)))  # type: ignore[no-any-return]
+
+
 class ImageModel(nn.Module):
     """trunk → (logits, boxes | None, feature map). Input: normalised float NCHW."""
 
@@ -183,6 +291,11 @@ class ImageModel(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(self.info.feature_channels, num_classes)
         self.box_head = BoxHead(self.info.feature_channels, feature_hw) if with_boxes else None
+        self.aux_head = (
+            AuxHead(INCEPTION_AUX_CHANNELS, num_classes)
+            if self.info.family == "inception"
+            else None
+        )
         self._frozen_blocks: list[nn.Module] = []
 
     def feature_size(self, input_size: tuple[int, int]) -> tuple[int, int]:
@@ -194,16 +307,27 @@ class ImageModel(nn.Module):
         return int(shape[2]), int(shape[3])
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        features = self.trunk(x)
+        logits, boxes, features, _ = self.forward_with_aux(x)
+        return logits, boxes, features
+
+    def forward_with_aux(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        """``forward`` plus the auxiliary classifier's logits, which exist only in
+        training mode and only for backbones that have one (Inception v3)."""
+        features, aux_input = self.trunk.features_and_aux_input(x)
         pooled = features.mean(dim=(2, 3))
         logits = self.classifier(self.dropout(pooled))
         boxes = self.box_head(features) if self.box_head is not None else None
-        return logits, boxes, features
+        aux = None
+        if self.training and self.aux_head is not None and aux_input is not None:
+            aux = self.aux_head(aux_input)
+        return logits, boxes, features, aux
 
     # --- fine-tuning stages -------------------------------------------------------------
 
     def head_modules(self) -> list[nn.Module]:
-        return [m for m in (self.classifier, self.box_head) if m is not None]
+        return [m for m in (self.classifier, self.box_head, self.aux_head) if m is not None]
 
     def freeze_backbone(self, trainable_top_blocks: int | None = 0) -> None:
         """Freeze the trunk except its top N blocks (None: train all of it).
@@ -244,8 +368,12 @@ class ImageModel(nn.Module):
 
 
 def _torchvision_net(backbone: str, weights: str | None) -> nn.Module:
+    if not backbone_info(backbone).torchvision:
+        return LeNet5(grayscale=backbone.endswith("_gray"))
     kwargs: dict[str, Any] = {}
-    if backbone == "googlenet":
+    if backbone in ("googlenet", "inception_v3"):
+        # The from-scratch build: no ImageNet aux heads (ours replace them), and the
+        # explicit init that silences torchvision's "init_weights will change" warning.
         kwargs = {} if weights else {"aux_logits": False, "init_weights": True}
     return torchvision.models.get_model(backbone, weights=weights, **kwargs)
 
@@ -255,14 +383,22 @@ def pretrained_architecture(backbone: str) -> nn.Module:
     what a checkpoint fine-tuned from them is restored into. For GoogLeNet that differs
     from the from-scratch build: its pretrained variant re-normalises its input
     (``transform_input``), which the fine-tuned weights depend on."""
+    if not backbone_info(backbone).torchvision:
+        return _torchvision_net(backbone, None)
     kwargs: dict[str, Any] = {}
-    if backbone == "googlenet":
+    if backbone in ("googlenet", "inception_v3"):
         kwargs = {"transform_input": True, "aux_logits": True, "init_weights": False}
     return torchvision.models.get_model(backbone, weights=None, **kwargs)
 
 
 def pretrained_net(backbone: str) -> nn.Module:
     """torchvision's DEFAULT ImageNet weights, from the TORCH_HOME cache or downloaded."""
+    if not backbone_info(backbone).torchvision:
+        raise PretrainedWeightsError(
+            f"{backbone} has no pretrained weights (torchvision does not ship it): train it "
+            "with --no-pretrained, or fine-tune from one of your checkpoints with "
+            "--weights-file PATH"
+        )
     try:
         return _torchvision_net(backbone, "DEFAULT")
     except (OSError, RuntimeError) as exc:  # URLError is an OSError

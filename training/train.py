@@ -57,6 +57,8 @@ log = logging.getLogger(__name__)
 # DETR's weighting of the two box terms, on normalised coordinates.
 BOX_L1_WEIGHT = 5.0
 BOX_GIOU_WEIGHT = 2.0
+# Inception v3's auxiliary classifier loss weight, as in torchvision's reference recipe.
+AUX_LOSS_WEIGHT = 0.4
 
 
 @dataclass
@@ -328,8 +330,17 @@ def train_one_epoch(
         images, labels, boxes = (t.to(device, non_blocking=True) for t in batch)
         with torch.autocast(device.type, dtype=torch.float16, enabled=run.use_amp):
             inputs = run.normalize(images).contiguous(memory_format=run.memory_format)
-            logits, pred_boxes, _ = model(inputs)
+            logits, pred_boxes, _, aux_logits = model.forward_with_aux(inputs)
         loss, parts = compute_loss(logits, pred_boxes, labels, boxes, cfg, run.class_weights)
+        if aux_logits is not None:
+            aux = F.cross_entropy(
+                aux_logits.float(),
+                labels,
+                weight=run.class_weights,
+                label_smoothing=cfg.label_smoothing,
+            )
+            loss = loss + AUX_LOSS_WEIGHT * aux
+            parts["aux"] = float(aux.detach())
         optimizer.zero_grad(set_to_none=True)
         run.scaler.scale(loss).backward()
         if cfg.grad_clip:

@@ -207,3 +207,30 @@ def test_model_without_metadata_is_rejected_on_load(
     onnx.save(model, str(bare))
     with pytest.raises(ModelSpecError, match="schema_version 7"):
         Runner(bare)
+
+
+@pytest.mark.parametrize(
+    ("backbone", "size"),
+    [("lenet5", 48), ("lenet5_gray", 48), ("alexnet", 64), ("inception_v3", 80)],
+)
+def test_the_classic_backbones_train_export_and_pass_parity(
+    backbone: str, size: int, tiny_demo: Path, tmp_path: Path
+) -> None:
+    cfg = TrainConfig.model_validate(
+        tiny_train_config(tiny_demo, tmp_path / "run", backbone=backbone, input_size=size)
+    )
+    result = train(cfg, progress=False)
+    assert np.isfinite(result.best_metrics["top1"])
+    exported = export_checkpoint(
+        result.best_checkpoint, ExportOptions(repository=tmp_path / "models", name=backbone)
+    )
+    assert exported.parity["top1_agreement"] == 1.0
+    assert exported.parity["max_abs_probability"] <= 1e-4
+    assert exported.parity["max_abs_box"] <= 1e-3
+    assert exported.spec.backbone == backbone and exported.spec.input.height == size
+    # Inception's auxiliary classifier trains but is not part of the served graph.
+    names = {init.name for init in onnx.load(str(exported.path)).graph.initializer}
+    assert not any("aux_head" in name for name in names)
+    runner = Runner(exported.path)
+    batch = np.random.default_rng(1).integers(0, 256, (2, size, size, 3), dtype=np.uint8)
+    assert runner.run(batch)["probabilities"].shape == (2, 10)

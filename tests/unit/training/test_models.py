@@ -20,10 +20,11 @@ from training.models import (
 
 @pytest.mark.parametrize("name", list(BACKBONES))
 def test_every_backbone_builds_with_heads_and_runs(name: str) -> None:
-    model = build_model(name, num_classes=7, input_size=(64, 64), with_boxes=True)
+    size = max(64, BACKBONES[name].min_input)
+    model = build_model(name, num_classes=7, input_size=(size, size), with_boxes=True)
     model.eval()
     with torch.no_grad():
-        logits, boxes, features = model(torch.randn(2, 3, 64, 64))
+        logits, boxes, features = model(torch.randn(2, 3, size, size))
     assert logits.shape == (2, 7)
     assert boxes is not None and boxes.shape == (2, 4)
     assert bool(((boxes >= 0) & (boxes <= 1)).all())
@@ -143,3 +144,60 @@ def test_a_checkpoint_is_restored_into_the_model_its_run_built() -> None:
         "mobilenet_v3_small", 3, (64, 64), with_boxes=False, pretrained=False, restoring=True
     )
     assert momenta(from_scratch) == {0.1}
+
+
+@pytest.mark.parametrize("name", list(BACKBONES))
+def test_the_minimum_input_size_is_the_smallest_that_builds(name: str) -> None:
+    smallest = BACKBONES[name].min_input
+    build_model(name, 3, (smallest, smallest), with_boxes=True)
+    if smallest > 32:
+        with pytest.raises(RuntimeError):
+            build_model(name, 3, (smallest - 1, smallest - 1), with_boxes=True)
+
+
+def test_inception_aux_logits_exist_in_training_only() -> None:
+    model = build_model("inception_v3", 5, (96, 96), with_boxes=False)
+    x = torch.randn(2, 3, 96, 96)
+    model.train()
+    aux = model.forward_with_aux(x)[3]
+    assert aux is not None and aux.shape == (2, 5)
+    model.eval()
+    with torch.no_grad():
+        assert model.forward_with_aux(x)[3] is None
+        assert len(model(x)) == 3
+
+
+def test_grayscale_lenet_sees_only_luminance() -> None:
+    model = build_model("lenet5_gray", 4, (32, 32), with_boxes=False).eval()
+    red = torch.zeros(1, 3, 32, 32)
+    red[:, 0] = 1.0
+    # The same BT.601 luma from a mix of green and blue: the model cannot tell them apart.
+    other = torch.zeros(1, 3, 32, 32)
+    other[:, 1] = 0.299 / 0.587
+    with torch.no_grad():
+        assert torch.allclose(model(red)[0], model(other)[0], atol=1e-5)
+        rgb = build_model("lenet5", 4, (32, 32), with_boxes=False).eval()
+        assert not torch.allclose(rgb(red)[0], rgb(other)[0], atol=1e-5)
+
+
+def test_lenet_stages_end_at_its_subsampling_layers() -> None:
+    model = build_model("lenet5", 4, (32, 32), with_boxes=False)
+    stages = model.trunk.blocks()
+    assert len(stages) == 3
+    assert model(torch.randn(1, 3, 32, 32))[2].shape == (1, 120, 1, 1)
+
+
+def test_backbones_without_torchvision_weights_say_how_to_train_them() -> None:
+    with pytest.raises(PretrainedWeightsError, match="--no-pretrained"):
+        build_model("lenet5", 3, (32, 32), with_boxes=False, pretrained=True)
+
+
+def test_the_config_refuses_inputs_a_backbone_cannot_take() -> None:
+    from pydantic import ValidationError
+
+    from training.config import TrainConfig
+
+    with pytest.raises(ValidationError, match="inception_v3 needs input_size >= 75"):
+        TrainConfig(data=Path("d"), backbone="inception_v3", input_size=64, pretrained=False)
+    with pytest.raises(ValidationError, match="lenet5 has no pretrained weights"):
+        TrainConfig(data=Path("d"), backbone="lenet5")
