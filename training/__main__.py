@@ -7,6 +7,8 @@
     python -m training export CHECKPOINT --repository models --name NAME [--version N]
                               [--precision fp32|fp16|int8] [--accept-drop] [--accept-slower]
                               [--decode auto|full]
+    python -m training explain CHECKPOINT IMAGE... --out DIR [--class NAME] [--layer L]
+    python -m training compare --data ROOT --backbones resnet18,lenet5,... [--epochs N]
 
 Every TrainConfig field is a flag (``--input-size``, ``--augment-hflip`` for nested
 augmentation fields); flags override the YAML file, which overrides the defaults.
@@ -94,11 +96,114 @@ def build_parser() -> argparse.ArgumentParser:
         "(top-1 agreement with full decode >= 99.5%%, change <= 0.2 pt); full: always "
         "decode every pixel",
     )
+    ex.add_argument(
+        "--no-gradcam-metrics",
+        action="store_true",
+        help="skip Grad-CAM's loc accuracy on val (the spec's gradcam_loc_acc)",
+    )
     ex.add_argument("--cam-top-k", type=int, default=5, help="class activation maps exported")
     ex.add_argument("--cam-threshold", type=float, default=0.2)
     ex.add_argument("--parity-images", type=int, default=32)
     ex.add_argument("--calibration-images", type=int, default=128)
+    _add_explain(sub)
+    cp = sub.add_parser(
+        "compare",
+        help="train, export and measure several backbones with one recipe (table + chart)",
+    )
+    cp.add_argument(
+        "--backbones", type=_comma_list, required=True, help="comma-separated registry names"
+    )
+    cp.add_argument("--out", type=Path, default=Path("runs/compare"))
+    cp.add_argument("--config", type=Path, help="YAML recipe every backbone trains with")
+    cp.add_argument(
+        "--from-checkpoints",
+        action="store_true",
+        help="reuse <out>/runs/<backbone>/best.pt where it exists instead of training",
+    )
+    add_model_flags(cp, TrainConfig, skip=["augment", "backbone", "output"])
+    add_model_flags(cp, AugmentConfig, prefix="augment_")
     return parser
+
+
+def _comma_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _add_explain(sub: argparse._SubParsersAction) -> None:
+    xp = sub.add_parser(
+        "explain",
+        help="what a checkpoint looks at: activations, filter patterns, Grad-CAM (index.html)",
+    )
+    xp.add_argument("checkpoint", type=Path)
+    xp.add_argument("images", type=Path, nargs="+")
+    xp.add_argument("--out", type=Path, required=True, help="folder for the PNGs and index.html")
+    xp.add_argument("--class", dest="class_name", help="explain this class (default: the top-k)")
+    xp.add_argument("--top-k", type=int, default=3, help="classes explained per image")
+    xp.add_argument(
+        "--layer", help="Grad-CAM layer: a stage number or module name (default: automatic)"
+    )
+    xp.add_argument(
+        "--layers", type=_comma_list, help="activation grids of these layers (default: every stage)"
+    )
+    xp.add_argument(
+        "--filter-layers",
+        type=_comma_list,
+        help="filter patterns of these layers (default: the last stage at each resolution)",
+    )
+    xp.add_argument("--filters", type=int, default=8, help="filter patterns per layer (0: none)")
+    xp.add_argument("--steps", type=int, default=60, help="gradient-ascent steps per pattern")
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from training.explain import ExplainOptions, explain
+
+    report = explain(
+        args.checkpoint,
+        args.images,
+        ExplainOptions(
+            out=args.out,
+            layers=args.layers,
+            gradcam_layer=args.layer,
+            class_name=args.class_name,
+            top_k=args.top_k,
+            filters=args.filters,
+            filter_layers=args.filter_layers,
+            steps=args.steps,
+        ),
+    )
+    summary = {
+        "page": report.page,
+        "gradcam_layer": report.gradcam_layer,
+        "images": [
+            {"image": item.path, "top1": item.predictions[0], "peak": item.gradcam[0]["peak"]}
+            for item in report.images
+        ],
+    }
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from training.compare import CompareOptions, compare
+
+    recipe = collect_flag_values(args, TrainConfig)
+    recipe.pop("backbone", None)
+    rows = compare(
+        CompareOptions(
+            backbones=args.backbones,
+            recipe=recipe,
+            config=args.config,
+            augment=collect_flag_values(args, AugmentConfig, prefix="augment_"),
+            out=args.out,
+            from_checkpoints=args.from_checkpoints,
+            progress=not args.quiet,
+        )
+    )
+    print((args.out / "compare.md").read_text(), end="")
+    print(
+        f"\nwrote {args.out / 'compare.csv'}, {args.out / 'compare.md'}, {args.out / 'compare.png'}"
+    )
+    return 0 if rows else 1
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -119,6 +224,7 @@ def _export(args: argparse.Namespace) -> int:
         accept_drop=args.accept_drop,
         accept_slower=args.accept_slower,
         full_decode=args.decode == "full",
+        gradcam_metrics=not args.no_gradcam_metrics,
     )
     result = export_checkpoint(args.checkpoint, options)
     print(
@@ -193,7 +299,14 @@ def main(argv: list[str] | None = None) -> int:
     # The ONNX exporter's optimizer passes log every step at INFO.
     for noisy in ("onnxscript", "onnx_ir", "torch.onnx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    handlers = {"train": _train, "evaluate": _evaluate, "export": _export, "demo-data": _demo_data}
+    handlers = {
+        "train": _train,
+        "evaluate": _evaluate,
+        "export": _export,
+        "demo-data": _demo_data,
+        "explain": _explain,
+        "compare": _compare,
+    }
     try:
         return handlers[args.command](args)
     except ValidationError as exc:

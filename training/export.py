@@ -47,6 +47,7 @@ from service.runner_options import CPU, RunnerOptions
 from training.checkpoint import LoadedModel, file_sha256, model_from_checkpoint
 from training.decode_gate import measure_decode_gate, with_decode
 from training.evaluate import evaluate_onnx
+from training.gradcam import auto_layer, gradcam_localization
 from training.models import ImageModel, InputNormalize
 from training.quantize import Int8Options, check_fp16_accuracy, to_fp16, to_int8
 from training.verify import (
@@ -90,6 +91,9 @@ class ExportOptions:
     full_decode: bool = False  # skip the gate: always write ``decode: full``
     decode_min_agreement: float = 0.995
     decode_max_top1_change: float = 0.002  # top-1, as a fraction
+    # Grad-CAM's loc accuracy on val beside the CAM's (box data only; a forward and
+    # backward pass over val, about as long as one more evaluation).
+    gradcam_metrics: bool = True
 
 
 @dataclass
@@ -232,6 +236,7 @@ def export_checkpoint(checkpoint: Path, options: ExportOptions) -> ExportResult:
         write_metadata(path, spec)
         fp32_metrics = evaluate_onnx(path, data)
         spec = with_metrics(spec, fp32_metrics, prefix="onnx_")
+        spec = _with_gradcam_metrics(spec, loaded, data, options)
         if options.precision is Precision.FP16:
             spec, parity = to_fp16(path, staging, spec, graph, images, outputs)
             write_metadata(path, spec)
@@ -258,6 +263,26 @@ def export_checkpoint(checkpoint: Path, options: ExportOptions) -> ExportResult:
         _publish(staging, path, final_dir)
     log.info("exported %s version %d to %s", options.name, version, final_dir)
     return ExportResult(path=final_dir / MODEL_FILE, version=version, spec=spec, parity=parity)
+
+
+def _with_gradcam_metrics(
+    spec: ModelSpec, loaded: LoadedModel, data: Path, options: ExportOptions
+) -> ModelSpec:
+    """Beside the exported CAM's loc accuracy (``onnx_cam_loc_acc``), Grad-CAM's at a finer
+    stage, so the spec says which explanation of this model to trust."""
+    if not options.gradcam_metrics:
+        return spec
+    found = gradcam_localization(loaded, data, threshold=options.cam_threshold)
+    if found is None:
+        return spec
+    log.info(
+        "Grad-CAM at %s: loc accuracy %.3f (exported CAM: %s)",
+        auto_layer(loaded.model).name,
+        found["loc_acc"],
+        spec.metrics.get("onnx_cam_loc_acc", "none"),
+    )
+    extra = {f"gradcam_{k}": round(v, 4) for k, v in found.items()}
+    return spec.model_copy(update={"metrics": {**spec.metrics, **extra}})
 
 
 def _gate_decode(path: Path, data: Path, spec: ModelSpec, options: ExportOptions) -> ModelSpec:

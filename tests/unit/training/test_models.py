@@ -146,13 +146,12 @@ def test_a_checkpoint_is_restored_into_the_model_its_run_built() -> None:
     assert momenta(from_scratch) == {0.1}
 
 
-@pytest.mark.parametrize("name", list(BACKBONES))
+@pytest.mark.parametrize("name", [n for n, info in BACKBONES.items() if info.min_input > 32])
 def test_the_minimum_input_size_is_the_smallest_that_builds(name: str) -> None:
     smallest = BACKBONES[name].min_input
     build_model(name, 3, (smallest, smallest), with_boxes=True)
-    if smallest > 32:
-        with pytest.raises(RuntimeError):
-            build_model(name, 3, (smallest - 1, smallest - 1), with_boxes=True)
+    with pytest.raises(RuntimeError):
+        build_model(name, 3, (smallest - 1, smallest - 1), with_boxes=True)
 
 
 def test_inception_aux_logits_exist_in_training_only() -> None:
