@@ -51,6 +51,8 @@ CREATED = [
     "scores-grpc",
     "scores-ray",
     "list.csv",
+    "runs/explain",
+    "runs/compare",
 ]
 
 
@@ -69,6 +71,9 @@ POLICIES: dict[str, Policy] = {
     "docker compose": Policy("elsewhere", why="no Docker daemon; make image-test runs it"),
     "python -m training train --config training/configs/demo.yaml": Policy(
         "bounded", 20, "the full run takes minutes; make serve has just run it whole"
+    ),
+    "python -m training compare": Policy(
+        "bounded", 60, "trains and exports four backbones, many minutes"
     ),
     "python -m bench report --case resnet50": Policy(
         "bounded", 60, "exports a ResNet-50 and benchmarks it for many minutes"

@@ -27,10 +27,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import onnx
+from matplotlib import ticker
 
 from service.layout import published_versions
 from service.model_spec import METADATA_KEY, ModelSpec
-from training.checkpoint import file_sha256, model_from_checkpoint
+from training.checkpoint import file_sha256, load_checkpoint, model_from_checkpoint
 from training.config import TrainConfig
 from training.export import ExportOptions, export_checkpoint
 from training.model_stats import multiply_adds, onnx_speed, served_parameters
@@ -60,7 +61,7 @@ class CompareRow:
     throughput: float  # images/s at best_batch
     best_batch: int
     size_mb: float
-    train_seconds: float | None  # None: reused checkpoint
+    train_seconds: float | None  # the run's epochs, as its checkpoint recorded them
     checkpoint: str
     model: str
     extra: dict[str, float] = field(default_factory=dict)
@@ -86,13 +87,23 @@ def _reusable_export(repository: Path, name: str, checkpoint: Path) -> Path | No
     return path if spec.checkpoint_sha256 == file_sha256(checkpoint) else None
 
 
+def _recorded_seconds(run_dir: Path) -> float | None:
+    """A finished run's training time, from the epoch history its last checkpoint keeps."""
+    last = run_dir / "last.pt"
+    if not last.is_file():
+        return None
+    history = load_checkpoint(last).get("history") or []
+    seconds = [float(row["epoch_seconds"]) for row in history if "epoch_seconds" in row]
+    return sum(seconds) if seconds else None
+
+
 def _train_or_reuse(options: CompareOptions, cfg: TrainConfig) -> tuple[Path, float | None]:
     from training.train import train
 
     best = cfg.output / "best.pt"
     if options.from_checkpoints and best.is_file():
         log.info("compare: %s reuses %s", cfg.backbone, best)
-        return best, None
+        return best, _recorded_seconds(cfg.output)
     result = train(cfg, progress=options.progress)
     return result.best_checkpoint, result.wall_seconds
 
@@ -193,6 +204,11 @@ def plot_comparison(rows: list[CompareRow], path: Path) -> None:
             fontsize=8,
         )
     ax.set_xscale("log")
+    # Plain numbers on the log axis (2, 5, 10 ms), not powers of ten.
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.tick_params(axis="x", which="minor", labelsize=7)
+    ax.margins(x=0.2, y=0.15)
     ax.set_xlabel("ONNX Runtime latency, batch 1 (ms, log scale)")
     ax.set_ylabel("val top-1")
     ax.set_title("Accuracy against latency (marker area: parameters)")

@@ -68,6 +68,9 @@ def test_export_passes_parity_and_matches_its_spec(
     spec = ModelSpec.from_metadata(metadata)
     assert spec == result.spec
     assert spec.backbone == backbone and spec.labels == [str(d) for d in range(10)]
+    # Grad-CAM's boxes are scored on val beside the exported CAM's.
+    assert 0.0 <= spec.metrics["gradcam_loc_acc"] <= 1.0
+    assert 0.0 < spec.metrics["gradcam_mean_iou"] <= 1.0 and "onnx_cam_loc_acc" in spec.metrics
 
     # Plain onnxruntime sees exactly the interface the spec promises.
     session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
