@@ -20,9 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
@@ -93,7 +90,7 @@ def _overlay(
     h, w = loaded.input_size
     heat = heatmap(cam, geometry, h, w, max_side=OVERLAY_MAX_SIDE)
     base = np.asarray(image.convert("RGB").resize((heat.width, heat.height)), dtype=np.float32)
-    colour = plt.get_cmap("jet")(heat.values)[..., :3] * 255.0
+    colour = matplotlib.colormaps["jet"](heat.values)[..., :3] * 255.0
     blended = 0.55 * base + 0.45 * colour
     return Image.fromarray(np.clip(blended, 0, 255).astype(np.uint8))
 
@@ -147,7 +144,9 @@ class Explainer:
         x = self.normalize(torch.from_numpy(pixels).permute(2, 0, 1)[None].contiguous())
         return image, pixels, geometry, x
 
-    def explain_image(self, number: int, path: Path) -> ExplainedImage:
+    def explain_image(self, number: int, path: Path) -> tuple[ExplainedImage, torch.Tensor]:
+        """One image's predictions, Grad-CAM overlays and activation grids, and its
+        normalised input (which the filter patterns' channel choice reuses)."""
         out, loaded = self.options.out, self.loaded
         image, _, geometry, x = self.load(path)
         with torch.no_grad():
@@ -199,7 +198,9 @@ class Explainer:
                 }
             )
         image.save(out / f"img{number:02d}_input.png")
-        return ExplainedImage(str(path), predictions, gradcams, activations, image.size)
+        explained = ExplainedImage(str(path), predictions, gradcams, activations, image.size)
+        image.close()
+        return explained, x
 
     def explain_filters(self, inputs: list[torch.Tensor]) -> list[dict[str, Any]]:
         """Patterns of the filters most active on ``inputs``, per filter layer."""
@@ -237,8 +238,9 @@ def explain(checkpoint: Path, images: list[Path], options: ExplainOptions) -> Ex
     )
     inputs = []
     for number, path in enumerate(images):
-        report.images.append(explainer.explain_image(number, Path(path)))
-        inputs.append(explainer.load(Path(path))[3])
+        explained, x = explainer.explain_image(number, Path(path))
+        report.images.append(explained)
+        inputs.append(x)
     if options.filters > 0 and options.steps > 0:
         report.filters = explainer.explain_filters(inputs)
     page = options.out / "index.html"
