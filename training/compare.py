@@ -26,11 +26,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-import onnx
 from matplotlib import ticker
 
 from service.layout import published_versions
-from service.model_spec import METADATA_KEY, ModelSpec
+from service.model_spec import ModelSpec, ModelSpecError
+from service.runner import read_metadata
 from training.checkpoint import file_sha256, load_checkpoint, model_from_checkpoint
 from training.config import TrainConfig
 from training.export import ExportOptions, export_checkpoint
@@ -78,13 +78,15 @@ def _reusable_export(repository: Path, name: str, checkpoint: Path) -> Path | No
     if not versions:
         return None
     path = versions[max(versions)]
-    metadata = {
-        p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props
-    }
-    if METADATA_KEY not in metadata:
+    try:
+        spec = _spec_of(path)
+    except ModelSpecError:
         return None
-    spec = ModelSpec.from_metadata(metadata)
     return path if spec.checkpoint_sha256 == file_sha256(checkpoint) else None
+
+
+def _spec_of(path: Path) -> ModelSpec:
+    return ModelSpec.from_metadata(read_metadata(path), source=str(path))
 
 
 def _recorded_seconds(run_dir: Path) -> float | None:
@@ -117,10 +119,7 @@ def measure_backbone(options: CompareOptions, backbone: str) -> CompareRow:
         path = export_checkpoint(
             checkpoint, ExportOptions(repository=repository, name=backbone)
         ).path
-    metadata = {
-        p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props
-    }
-    spec = ModelSpec.from_metadata(metadata)
+    spec = _spec_of(path)
     loaded = model_from_checkpoint(checkpoint)
     speed = onnx_speed(path, loaded.input_size)
     return CompareRow(
