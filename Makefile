@@ -38,8 +38,10 @@ proto: $(STAMP)  ## generate the gRPC Python code from proto/ (never committed)
 test: setup  ## the test suite
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# Only tests/unit: every test under tests/integration starts something, and collecting
+# that folder alone costs seconds of imports.
 test-fast: setup  ## the tests that start nothing and train nothing (seconds)
-	$(PY) -m pytest -q -m "not slow and not integration" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not slow and not integration" tests/unit $(PYTEST_ARGS)
 
 lint: setup  ## ruff (lint + format check), mypy, hadolint
 	$(VENV)/bin/ruff check .

@@ -56,6 +56,7 @@ def test_cross_field_rules() -> None:
         load_settings(Path("/nonexistent.yaml"))
 
 
+@pytest.mark.integration  # runs `python -m service` in a subprocess
 def test_help_documents_every_setting() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "service", "--help"],
@@ -68,6 +69,7 @@ def test_help_documents_every_setting() -> None:
         assert "--" + name.replace("_", "-") in out, name
 
 
+@pytest.mark.integration  # runs `python -m service` in a subprocess
 def test_bad_flag_exits_2_with_a_message() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "service", "--max-batch-size", "zero"],
@@ -104,6 +106,7 @@ def test_tls_and_token_files_are_checked(tmp_path: Path) -> None:
     assert settings.tls_client_ca == cert
 
 
+@pytest.mark.integration  # runs `python -m service` in a subprocess
 def test_unusable_tls_files_stop_the_server_with_a_message(tmp_path: Path) -> None:
     garbage = tmp_path / "garbage.pem"
     garbage.write_text("not a certificate")

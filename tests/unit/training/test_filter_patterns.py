@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from training.filter_patterns import deprocess, filter_patterns
@@ -18,6 +19,7 @@ def _response(
     return float(seen[0][0, c].mean())
 
 
+@pytest.mark.slow  # optimizes an image for a few hundred steps
 def test_the_pattern_excites_its_filter_more_than_noise_does() -> None:
     torch.manual_seed(0)
     model = build_model("resnet18", 3, (64, 64), with_boxes=False).eval()

@@ -17,8 +17,27 @@ from training.models import (
     load_backbone_weights,
 )
 
+# Full-size trunks take half a second to a few seconds each to build and run on
+# 2 cores; they run in `make test` (slow tier) so `make test-fast` stays in seconds.
+HEAVY_BACKBONES = {
+    "alexnet",
+    "densenet121",
+    "efficientnet_b1",
+    "efficientnet_b2",
+    "efficientnet_b3",
+    "inception_v3",
+    "resnet34",
+    "resnet50",
+    "vgg16_bn",
+}
 
-@pytest.mark.parametrize("name", list(BACKBONES))
+
+def heavy_ones_slow(names: list[str]) -> list[Any]:
+    """Parameters for `names`, the heavy backbones marked slow."""
+    return [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY_BACKBONES else n for n in names]
+
+
+@pytest.mark.parametrize("name", heavy_ones_slow(list(BACKBONES)))
 def test_every_backbone_builds_with_heads_and_runs(name: str) -> None:
     size = max(64, BACKBONES[name].min_input)
     model = build_model(name, num_classes=7, input_size=(size, size), with_boxes=True)
@@ -146,7 +165,9 @@ def test_a_checkpoint_is_restored_into_the_model_its_run_built() -> None:
     assert momenta(from_scratch) == {0.1}
 
 
-@pytest.mark.parametrize("name", [n for n, info in BACKBONES.items() if info.min_input > 32])
+@pytest.mark.parametrize(
+    "name", heavy_ones_slow([n for n, info in BACKBONES.items() if info.min_input > 32])
+)
 def test_the_minimum_input_size_is_the_smallest_that_builds(name: str) -> None:
     smallest = BACKBONES[name].min_input
     build_model(name, 3, (smallest, smallest), with_boxes=True)
@@ -154,6 +175,7 @@ def test_the_minimum_input_size_is_the_smallest_that_builds(name: str) -> None:
         build_model(name, 3, (smallest - 1, smallest - 1), with_boxes=True)
 
 
+@pytest.mark.slow
 def test_inception_aux_logits_exist_in_training_only() -> None:
     model = build_model("inception_v3", 5, (96, 96), with_boxes=False)
     x = torch.randn(2, 3, 96, 96)
