@@ -173,8 +173,21 @@ class Settings(BaseSettings):
         default=None, description="cache optimized graphs here"
     )
     device_id: int = Field(default=0, ge=0)
-    trt_fp16: bool = True
-    trt_engine_cache_dir: Path | None = Field(default=Path(".cache/tensorrt"))
+    trt_fp16: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="TensorRT in FP16: auto runs FP16 only for a model whose FP16 accuracy "
+        "gate passed at export (its ModelSpec records it); on and off force it",
+    )
+    trt_engine_cache_dir: Path | None = Field(
+        default=Path(".cache/tensorrt"),
+        description="TensorRT engines and timing caches, kept across restarts (mount a "
+        "volume here in a container)",
+    )
+    cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = Field(
+        default="EXHAUSTIVE",
+        description="how the CUDA provider picks convolution algorithms (exhaustive: "
+        "slowest to warm up, fastest after; warm-up runs every batch size first)",
+    )
 
     # --- dynamic batching (Triton's names) ---------------------------------------------
     max_batch_size: int = Field(default=32, ge=1)
@@ -247,6 +260,16 @@ class Settings(BaseSettings):
         if any(v < 1 for v in value):
             raise ValueError("batch sizes must be >= 1")
         return sorted(set(value))
+
+    @field_validator("trt_fp16", mode="before")
+    @classmethod
+    def _fp16_from_bool(cls, value: Any) -> Any:
+        # Earlier configs said true/false: they mean on/off.
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return "on" if value.lower() == "true" else "off"
+        return value
 
     @field_validator("providers")
     @classmethod
@@ -351,6 +374,9 @@ class Settings(BaseSettings):
             device_id=self.device_id,
             trt_fp16=self.trt_fp16,
             trt_engine_cache_dir=self.trt_engine_cache_dir,
+            max_batch_size=self.max_batch_size,
+            opt_batch_size=max(self.preferred_batch_sizes, default=0),
+            cudnn_conv_algo_search=self.cudnn_conv_algo_search,
         )
 
 

@@ -102,6 +102,12 @@ class OutputSpec(_Strict):
     box_format: Literal["xyxy_normalized_input"] = "xyxy_normalized_input"
 
 
+# The metric an FP16 export records: 1.0 when FP16's top-1 on val stayed within the
+# export's limit, 0.0 when it was published past it (--accept-drop). A GPU server runs
+# TensorRT in FP16 by default only when it is 1.0.
+FP16_GATE_METRIC = "fp16_gate_passed"
+
+
 class Precision(StrEnum):
     FP32 = "fp32"
     FP16 = "fp16"

@@ -367,7 +367,7 @@ class ModelRepository:
         runner = Runner(path, self.runner_options)
         s = self.settings
         limit = min(s.max_batch_size, runner.max_batch_size or s.max_batch_size)
-        sizes = sorted({1, limit, *[b for b in s.preferred_batch_sizes if b <= limit]})
+        sizes = runner.warmup_sizes(limit, s.preferred_batch_sizes)
         runner.warmup(sizes)
         log.info("warmed up %s at batch sizes %s", path, sizes)
         return runner

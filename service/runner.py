@@ -5,10 +5,14 @@ A ``Runner`` holds one model version: its ModelSpec (read from the file's metada
 batches can execute at once (Triton's instance_group); on a CPU the intra-op threads are
 split between them.
 
-Providers come from configuration. The default preference is TensorRT (FP16, with an
-engine cache), then CUDA, then CPU, filtered to what this onnxruntime build offers; what
-was chosen is logged. On CUDA/TensorRT, IO binding moves the input to the device once and
-fetches outputs without intermediate copies.
+Providers come from configuration. The default preference is TensorRT, then CUDA, then
+CPU, filtered to what this onnxruntime build offers; one that cannot start is logged and
+the next is tried, and what runs is listed by ``ListModels``. TensorRT gets an explicit
+optimisation profile (batch 1 to the largest the batcher forms), engine and timing caches
+that survive restarts, and FP16 only where the model's FP16 gate passed at export or it is
+asked for. CUDA gets a memory arena that grows by what is asked (not by powers of two with
+each new batch size) and the convolution algorithm search that is configured. On a GPU,
+IO binding copies the input batch to the device once and each output back once.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import onnxruntime as ort
 
 from service.cores import cpu_count
 from service.errors import InferenceError
-from service.model_spec import ModelSpec
+from service.model_spec import FP16_GATE_METRIC, ModelSpec
 from service.runner_options import CPU, CUDA, TENSORRT, RunnerOptions
 
 log = logging.getLogger(__name__)
@@ -56,12 +60,59 @@ def select_providers(wanted: Sequence[str]) -> list[str]:
     return chosen
 
 
-def read_metadata(path: Path) -> dict[str, str]:
-    """The model's metadata_props without building a full session's optimized graph."""
+def _bare_session(path: Path) -> ort.InferenceSession:
+    """A CPU session without graph optimisation: cheap, for reading what the file says."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(str(path), options, providers=[CPU])
-    return dict(session.get_modelmeta().custom_metadata_map)
+    return ort.InferenceSession(str(path), options, providers=[CPU])
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """The model's metadata_props without building a full session's optimized graph."""
+    return dict(_bare_session(path).get_modelmeta().custom_metadata_map)
+
+
+def trt_fp16_enabled(mode: str, spec: ModelSpec) -> bool:
+    """TensorRT FP16 for this model: forced on or off, or (auto) where its gate passed."""
+    if mode in ("on", "off"):
+        return mode == "on"
+    return spec.metrics.get(FP16_GATE_METRIC, 0.0) >= 1.0
+
+
+def provider_options(
+    provider: str, opts: RunnerOptions, spec: ModelSpec, declared_batch: int | None
+) -> dict[str, str]:
+    """The options one execution provider is created with (strings, as ORT takes them)."""
+    if provider == TENSORRT:
+        trt = {
+            "device_id": str(opts.device_id),
+            "trt_fp16_enable": str(trt_fp16_enabled(opts.trt_fp16, spec)),
+        }
+        if declared_batch is None:
+            # Without a profile TensorRT builds an engine for the first shape it sees and
+            # rebuilds (seconds) whenever a batch is larger: one profile covers them all.
+            largest = max(1, opts.max_batch_size)
+            opt = min(largest, opts.opt_batch_size or largest)
+            name, hw = spec.input.name, f"{spec.input.height}x{spec.input.width}x3"
+            trt["trt_profile_min_shapes"] = f"{name}:1x{hw}"
+            trt["trt_profile_opt_shapes"] = f"{name}:{opt}x{hw}"
+            trt["trt_profile_max_shapes"] = f"{name}:{largest}x{hw}"
+        if opts.trt_engine_cache_dir is not None:
+            opts.trt_engine_cache_dir.mkdir(parents=True, exist_ok=True)
+            trt["trt_engine_cache_enable"] = "True"
+            trt["trt_engine_cache_path"] = str(opts.trt_engine_cache_dir)
+            trt["trt_timing_cache_enable"] = "True"
+            trt["trt_timing_cache_path"] = str(opts.trt_engine_cache_dir)
+        return trt
+    if provider == CUDA:
+        return {
+            "device_id": str(opts.device_id),
+            "cudnn_conv_algo_search": opts.cudnn_conv_algo_search,
+            # The default doubles the arena at each growth: every new batch size could
+            # then reserve twice what it needs, for the life of the session.
+            "arena_extend_strategy": "kSameAsRequested",
+        }
+    return {}
 
 
 def ort_version() -> str:
@@ -82,10 +133,15 @@ class Runner:
         per_instance = max(1, cores // max(1, self.options.instances))
         auto = self.options.intra_op_threads == 0
         self.intra_op_threads = 1 if auto else self.options.intra_op_threads
-        first = self._new_session(0)
+        # The GPU providers' options depend on the spec (input name and size, FP16 gate)
+        # and on whether the batch is dynamic: both come from a cheap CPU session first.
+        bare = _bare_session(self.path)
         self.spec = ModelSpec.from_metadata(
-            dict(first.get_modelmeta().custom_metadata_map), source=str(self.path)
+            dict(bare.get_modelmeta().custom_metadata_map), source=str(self.path)
         )
+        self._probe_batch = self._declared_batch(bare)
+        del bare
+        first = self._new_session(0)
         self._check_io(first)
         if auto and per_instance > 1:
             self.intra_op_threads = self._choose_threads(first, per_instance)
@@ -95,7 +151,11 @@ class Runner:
         for i in range(1, max(1, self.options.instances)):
             self._sessions.put(self._new_session(i))
         self.active_providers = first.get_providers()
-        self._use_io_binding = self.active_providers[0] in (TENSORRT, CUDA)
+        self.on_gpu = self.active_providers[0] in (TENSORRT, CUDA)
+        self._device = "cuda" if self.on_gpu else "cpu"
+        self._device_id = self.options.device_id if self.on_gpu else 0
+        binding = self.options.io_binding
+        self._use_io_binding = self.on_gpu if binding is None else binding
         self.output_names = [o.name for o in first.get_outputs()]
         self.output_shapes = {o.name: list(o.shape) for o in first.get_outputs()}
         self.max_batch_size = self._declared_batch(first)
@@ -139,26 +199,10 @@ class Runner:
         return so
 
     def _provider_options(self) -> list[tuple[str, dict[str, str]]]:
-        opts = self.options
-        out: list[tuple[str, dict[str, str]]] = []
-        for provider in self.providers:
-            if provider == TENSORRT:
-                trt: dict[str, str] = {
-                    "device_id": str(opts.device_id),
-                    "trt_fp16_enable": str(opts.trt_fp16),
-                }
-                if opts.trt_engine_cache_dir is not None:
-                    opts.trt_engine_cache_dir.mkdir(parents=True, exist_ok=True)
-                    trt["trt_engine_cache_enable"] = "True"
-                    trt["trt_engine_cache_path"] = str(opts.trt_engine_cache_dir)
-                    trt["trt_timing_cache_enable"] = "True"
-                    trt["trt_timing_cache_path"] = str(opts.trt_engine_cache_dir)
-                out.append((provider, trt))
-            elif provider == CUDA:
-                out.append((provider, {"device_id": str(opts.device_id)}))
-            else:
-                out.append((provider, {}))
-        return out
+        return [
+            (p, provider_options(p, self.options, self.spec, self._probe_batch))
+            for p in self.providers
+        ]
 
     def _new_session(self, instance: int) -> ort.InferenceSession:
         while True:
@@ -285,11 +329,29 @@ class Runner:
         self, session: ort.InferenceSession, images: np.ndarray
     ) -> dict[str, np.ndarray]:
         binding = session.io_binding()
-        binding.bind_cpu_input(self.spec.input.name, np.ascontiguousarray(images))
+        # One copy of the batch onto the device; the outputs stay there until each is
+        # copied back once, by .numpy().
+        batch = ort.OrtValue.ortvalue_from_numpy(
+            np.ascontiguousarray(images), self._device, self._device_id
+        )
+        binding.bind_ortvalue_input(self.spec.input.name, batch)
         for name in self.output_names:
-            binding.bind_output(name, "cuda", self.options.device_id)
+            binding.bind_output(name, self._device, self._device_id)
         session.run_with_iobinding(binding)
-        return dict(zip(self.output_names, binding.copy_outputs_to_cpu(), strict=True))
+        values = binding.get_outputs()
+        return {name: value.numpy() for name, value in zip(self.output_names, values, strict=True)}
+
+    def warmup_sizes(self, largest: int, preferred: Sequence[int]) -> list[int]:
+        """The batch sizes to run before the model is served.
+
+        On a GPU every size the batcher can form: the CUDA provider chooses convolution
+        algorithms per input shape, and a size first met live would stall that batch. On
+        the CPU nothing is shape-specific beyond the arena, so the ends and the preferred
+        sizes are enough.
+        """
+        if self.on_gpu:
+            return list(range(1, largest + 1))
+        return sorted({1, largest, *[b for b in preferred if b <= largest]})
 
     def warmup(self, batch_sizes: Sequence[int]) -> None:
         """Run every session once per batch size, so the first real request is not the

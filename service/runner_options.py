@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 TENSORRT = "TensorrtExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -28,6 +29,16 @@ class RunnerOptions:
     graph_optimization: str = "all"
     optimized_model_dir: Path | None = None  # cache of the optimized graph (CPU only)
     device_id: int = 0
-    trt_fp16: bool = True
-    trt_engine_cache_dir: Path | None = None
+    # TensorRT FP16: "auto" only for a model whose FP16 accuracy gate passed at export
+    # (its ModelSpec says so); "on"/"off" force it.
+    trt_fp16: Literal["auto", "on", "off"] = "auto"
+    trt_engine_cache_dir: Path | None = None  # engines and timing caches (survive restarts)
+    # The batches the batcher can form: TensorRT's optimisation profile (min 1, opt, max)
+    # and, on a GPU, every size warm-up runs before the model is served.
+    max_batch_size: int = 32
+    opt_batch_size: int = 0  # 0: max_batch_size
+    cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = "EXHAUSTIVE"
+    # Bind inputs and outputs to the device's memory (None: on with a GPU provider). On
+    # the CPU it is the same computation by another path; tests compare the two.
+    io_binding: bool | None = None
     extra_session_config: dict[str, str] = field(default_factory=dict)

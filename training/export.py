@@ -35,6 +35,7 @@ from torch import nn
 
 from service.layout import MODEL_FILE, next_version
 from service.model_spec import (
+    FP16_GATE_METRIC,
     DecodeMode,
     InputSpec,
     ModelSpec,
@@ -245,9 +246,12 @@ def export_checkpoint(checkpoint: Path, options: ExportOptions) -> ExportResult:
                 fp32_metrics, fp16_metrics, options.max_fp16_drop, options.accept_drop
             )
             spec = with_metrics(spec, fp16_metrics, prefix="fp16_")
-            spec = spec.model_copy(
-                update={"metrics": {**spec.metrics, "fp16_top1_drop": round(drop, 4)}}
-            )
+            gate = {
+                "fp16_top1_drop": round(drop, 4),
+                # What a GPU server reads to run TensorRT in FP16 by default.
+                FP16_GATE_METRIC: 1.0 if drop <= options.max_fp16_drop else 0.0,
+            }
+            spec = spec.model_copy(update={"metrics": {**spec.metrics, **gate}})
         elif options.precision is Precision.INT8:
             int8 = Int8Options(
                 options.calibration_images,

@@ -54,3 +54,23 @@ def test_optimized_graph_is_cached(quick_model: dict[str, Path], tmp_path: Path)
     )
     runner.warmup([1, 4])
     assert list(tmp_path.glob("*.onnx"))
+
+
+def test_io_binding_returns_what_session_run_returns(quick_model: dict[str, Path]) -> None:
+    # The GPU path (batch copied in once, outputs bound on the device) run on the CPU
+    # device: the same graph by the other route must give the very same numbers.
+    plain = Runner(quick_model["model"], RunnerOptions(providers=[CPU], io_binding=False))
+    bound = Runner(quick_model["model"], RunnerOptions(providers=[CPU], io_binding=True))
+    batch = np.random.default_rng(7).integers(0, 256, (5, 64, 64, 3), dtype=np.uint8)
+    expected, got = plain.run(batch), bound.run(batch)
+    assert got.keys() == expected.keys()
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name])
+
+
+def test_warm_up_on_the_cpu_covers_the_ends_and_the_preferred_sizes(
+    quick_model: dict[str, Path],
+) -> None:
+    runner = Runner(quick_model["model"], RunnerOptions(providers=[CPU]))
+    assert not runner.on_gpu
+    assert runner.warmup_sizes(32, [8, 16, 64]) == [1, 8, 16, 32]

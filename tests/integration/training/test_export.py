@@ -11,8 +11,15 @@ import onnxruntime as ort
 import pytest
 
 from service.layout import next_version
-from service.model_spec import METADATA_KEY, DecodeMode, ModelSpec, ModelSpecError, Precision
-from service.runner import Runner
+from service.model_spec import (
+    FP16_GATE_METRIC,
+    METADATA_KEY,
+    DecodeMode,
+    ModelSpec,
+    ModelSpecError,
+    Precision,
+)
+from service.runner import Runner, trt_fp16_enabled
 from tests.conftest import tiny_train_config
 from training.config import TrainConfig
 from training.evaluate import evaluate_checkpoint, evaluate_onnx
@@ -189,7 +196,11 @@ def test_fp16_export_keeps_uint8_in_and_float32_out(
     result = export_checkpoint(
         checkpoints["mobilenet_v3_small"], replace(options, accept_drop=True)
     )
-    assert "fp16_top1_drop" in result.spec.metrics
+    drop = result.spec.metrics["fp16_top1_drop"]
+    # The gate's outcome is recorded for GPU servers: TensorRT FP16 only where it passed.
+    passed = drop <= options.max_fp16_drop
+    assert result.spec.metrics[FP16_GATE_METRIC] == (1.0 if passed else 0.0)
+    assert trt_fp16_enabled("auto", result.spec) is passed
     session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
     assert session.get_inputs()[0].type == "tensor(uint8)"
     assert session.get_outputs()[0].type == "tensor(float)"
