@@ -3,6 +3,7 @@
 python -m bench load --target localhost:50051 --images bench/scratch/photos -c 8 --seconds 10
 python -m bench load --rate 200 --seconds 10            # open loop, Poisson arrivals
 python -m bench load --protocol oip --model demo -c 8    # tritonclient, BYTES JPEG
+python -m bench load --protocol oip --payload tensor --model demo -c 8  # UINT8, no decode
 python -m bench limit --model models/demo/1/model.onnx
 python -m bench report [--case demo|resnet50]
 python -m bench scoring --model models/demo --input data/demo
@@ -44,6 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="classifier",
         help="classifier.v1 (raw stub) or the Open Inference Protocol (tritonclient; closed "
         "loop, one image per request)",
+    )
+    load.add_argument(
+        "--payload",
+        choices=["jpeg", "tensor"],
+        default="jpeg",
+        help="with --protocol oip: each image as encoded bytes (BYTES), or as a UINT8 tensor "
+        "at the model's input size (no decode or resize in the server)",
     )
     load.add_argument("--json", type=Path, help="also write the result here")
 
@@ -119,13 +127,20 @@ def main(argv: list[str] | None = None) -> int:
         from bench.load import run_load
         from service import eventloop
 
+        if args.payload == "tensor" and args.protocol != "oip":
+            raise SystemExit("--payload tensor needs --protocol oip")
         if args.protocol == "oip":
-            from bench.oip_load import ours, run_oip_load
+            from bench.oip_load import ours, ours_tensor, run_oip_load
 
             if args.rate is not None or args.images_per_request != 1:
                 raise SystemExit("--protocol oip is closed loop, one image per request")
+            target = (
+                eventloop.run(ours_tensor(args.target, args.model))
+                if args.payload == "tensor"
+                else ours(args.target, args.model)
+            )
             coroutine = run_oip_load(
-                ours(args.target, args.model),
+                target,
                 _images(args.images),
                 concurrency=args.concurrency,
                 seconds=args.seconds,

@@ -92,6 +92,16 @@ def test_bench_load_two_seconds_against_a_real_server(quick_model: dict[str, Pat
         )
         result = json.loads(oip.stdout)  # tritonclient, one BYTES JPEG per request
         assert result["requests"] > 0 and result["errors"] == {}
+        tensors = subprocess.run(
+            [*oip.args, "--payload", "tensor"],  # UINT8 [1, 64, 64, 3]: no decode there
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=120,
+        )
+        result = json.loads(tensors.stdout)
+        # A tensor of the wrong name, type or size would come back INVALID_ARGUMENT.
+        assert result["requests"] > 0 and result["errors"] == {}
     finally:
         server.kill()
 
