@@ -122,6 +122,9 @@ def ort_version() -> str:
 class Runner:
     """One model version in ONNX Runtime. Thread-safe: ``run`` may be called concurrently."""
 
+    spec: ModelSpec
+    _probe_batch: int | None  # the graph's fixed batch size, None when dynamic
+
     def __init__(self, path: Path, options: RunnerOptions | None = None):
         self.path = Path(path)
         self.options = options or RunnerOptions()
@@ -134,14 +137,14 @@ class Runner:
         auto = self.options.intra_op_threads == 0
         self.intra_op_threads = 1 if auto else self.options.intra_op_threads
         # The GPU providers' options depend on the spec (input name and size, FP16 gate)
-        # and on whether the batch is dynamic: both come from a cheap CPU session first.
-        bare = _bare_session(self.path)
-        self.spec = ModelSpec.from_metadata(
-            dict(bare.get_modelmeta().custom_metadata_map), source=str(self.path)
-        )
-        self._probe_batch = self._declared_batch(bare)
-        del bare
+        # and on whether the batch is dynamic: read both from a cheap CPU session first.
+        # The CPU provider needs neither, so a CPU-only runner reads them from its session.
+        cpu_only = self.providers == [CPU]
+        if not cpu_only:
+            self._read_spec(_bare_session(self.path))
         first = self._new_session(0)
+        if cpu_only:
+            self._read_spec(first)
         self._check_io(first)
         if auto and per_instance > 1:
             self.intra_op_threads = self._choose_threads(first, per_instance)
@@ -198,9 +201,15 @@ class Runner:
             )
         return so
 
+    def _read_spec(self, session: ort.InferenceSession) -> None:
+        self.spec = ModelSpec.from_metadata(
+            dict(session.get_modelmeta().custom_metadata_map), source=str(self.path)
+        )
+        self._probe_batch = self._declared_batch(session)
+
     def _provider_options(self) -> list[tuple[str, dict[str, str]]]:
         return [
-            (p, provider_options(p, self.options, self.spec, self._probe_batch))
+            (p, {} if p == CPU else provider_options(p, self.options, self.spec, self._probe_batch))
             for p in self.providers
         ]
 
