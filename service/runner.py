@@ -64,7 +64,10 @@ def _bare_session(path: Path) -> ort.InferenceSession:
     """A CPU session without graph optimisation: cheap, for reading what the file says."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(str(path), options, providers=[CPU])
+    try:
+        return ort.InferenceSession(str(path), options, providers=[CPU])
+    except Exception as exc:  # ORT raises its own Fail/InvalidProtobuf types
+        raise ValueError(f"cannot load {path} into ONNX Runtime: {exc}") from exc
 
 
 def read_metadata(path: Path) -> dict[str, str]:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from service.errors import InferenceError
-from service.runner import Runner, select_providers
+from service.runner import Runner, read_metadata, select_providers
 from service.runner_options import CPU, CUDA, TENSORRT, RunnerOptions
 
 pytestmark = pytest.mark.slow
@@ -74,3 +74,14 @@ def test_warm_up_on_the_cpu_covers_the_ends_and_the_preferred_sizes(
     runner = Runner(quick_model["model"], RunnerOptions(providers=[CPU]))
     assert not runner.on_gpu
     assert runner.warmup_sizes(32, [8, 16, 64]) == [1, 8, 16, 32]
+
+
+def test_a_file_that_is_not_onnx_is_refused_with_its_path(tmp_path: Path) -> None:
+    broken = tmp_path / "model.onnx"
+    broken.write_bytes(b"not an onnx model")
+    # The spec is read first through a bare CPU session (as GPU runners do): it must say
+    # what failed, as the full session does, not surface ORT's protobuf error alone.
+    with pytest.raises(ValueError, match=rf"cannot load {broken} into ONNX Runtime"):
+        read_metadata(broken)
+    with pytest.raises(ValueError, match="cannot load"):
+        Runner(broken)
