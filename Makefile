@@ -35,8 +35,9 @@ proto: $(STAMP)  ## generate the gRPC Python code from proto/ (never committed)
 		$(PY) -m service.protogen; \
 	fi
 
+# The 20 slowest tests are listed at the end, so a suite that grows shows where.
 test: setup  ## the test suite
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest --durations=20 $(PYTEST_ARGS)
 
 # Only tests/unit: every test under tests/integration starts something, and collecting
 # that folder alone costs seconds of imports.
