@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.rate is not None or args.images_per_request != 1:
                 raise SystemExit("--protocol oip is closed loop, one image per request")
             target = (
-                eventloop.run(ours_tensor(args.target, args.model))
+                ours_tensor(args.target, args.model)
                 if args.payload == "tensor"
                 else ours(args.target, args.model)
             )

@@ -2,9 +2,10 @@
 one encoded JPEG per request, as a BYTES tensor. The same client drives our server and
 the Triton peer, so the report compares servers, not clients.
 
-``--payload tensor`` sends each image instead as a UINT8 ``[1, H, W, 3]`` tensor at the
-model's input size (resized once, before the run, with Pillow): the server then neither
-decodes nor resizes, so what is measured is the wire, the batcher and the model — on a
+``--payload tensor`` sends each image instead as a UINT8 ``[1, H, W, 3]`` tensor: the
+model input the server itself would make of it (``service.preprocess`` with the model's
+spec, from GetModel), made once before the run. The server then neither decodes nor
+resizes, so what is measured is the wire, the batcher and the model — on a
 GPU, the figure to hold against inference-only results such as MLPerf's.
 
 Ours takes ``image_bytes`` of shape ``[1]``; the PyTriton peer takes ``IMAGE`` of shape
@@ -14,16 +15,17 @@ Ours takes ``image_bytes`` of shape ``[1]``; the PyTriton peer takes ``IMAGE`` o
 from __future__ import annotations
 
 import asyncio
-import io
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import tritonclient.grpc.aio as triton
-from PIL import Image
 
 from bench.load import CpuProbe, CpuWindow, LoadResult, check_loopback, percentiles
+from service.client import ClassifierClient
+from service.model_spec import ModelSpec
+from service.preprocess import ImageLimits, preprocess_encoded
 
 
 @dataclass(frozen=True)
@@ -33,34 +35,19 @@ class OipTarget:
     input_name: str
     shape: tuple[int, ...]  # of one request's tensor
     datatype: str = "BYTES"
+    spec: ModelSpec | None = None  # UINT8: the model whose input the images become
 
 
 def ours(address: str, model: str) -> OipTarget:
     return OipTarget(address, model, "image_bytes", (1,))
 
 
-async def ours_tensor(address: str, model: str) -> OipTarget:
-    """Our server's UINT8 input for ``model``, as its metadata describes it."""
-    client = triton.InferenceServerClient(address)
-    try:
-        metadata = await client.get_model_metadata(model)
-    finally:
-        await client.close()
-    for tensor in metadata.inputs:
-        if tensor.datatype == "UINT8":
-            height, width = int(tensor.shape[1]), int(tensor.shape[2])
-            return OipTarget(address, model, tensor.name, (1, height, width, 3), "UINT8")
-    raise SystemExit(f"model {model!r} at {address} takes no UINT8 tensor input")
-
-
-def as_tensors(images: Sequence[bytes], height: int, width: int) -> list[np.ndarray]:
-    """Each encoded image decoded and resized to [1, height, width, 3] uint8."""
-    tensors = []
-    for data in images:
-        with Image.open(io.BytesIO(data)) as image:
-            rgb = image.convert("RGB").resize((width, height), Image.Resampling.BILINEAR)
-        tensors.append(np.asarray(rgb, dtype=np.uint8)[None])
-    return tensors
+def ours_tensor(address: str, model: str) -> OipTarget:
+    """Our server's UINT8 input for ``model``: named and sized by the model's spec."""
+    with ClassifierClient(address, channels=1) as client:
+        spec = ModelSpec.from_json(client.get_model(model).model_spec_json)
+    shape = (1, spec.input.height, spec.input.width, 3)
+    return OipTarget(address, model, spec.input.name, shape, "UINT8", spec)
 
 
 def pytriton_peer(address: str) -> OipTarget:
@@ -80,8 +67,9 @@ async def run_oip_load(
 ) -> LoadResult:
     """Callers share ``channels`` clients (connections), round-robin per call."""
     check_loopback(target.address)
-    if target.datatype == "UINT8":
-        payloads = as_tensors(images, target.shape[1], target.shape[2])
+    if target.spec is not None:
+        limits = ImageLimits()
+        payloads = [preprocess_encoded(image, target.spec, limits)[0][None] for image in images]
     else:
         payloads = [np.array([image], dtype=np.object_).reshape(target.shape) for image in images]
     inputs = []

@@ -126,7 +126,7 @@ class Runner:
     """One model version in ONNX Runtime. Thread-safe: ``run`` may be called concurrently."""
 
     spec: ModelSpec
-    _probe_batch: int | None  # the graph's fixed batch size, None when dynamic
+    max_batch_size: int | None  # the graph's fixed batch size, None when dynamic
 
     def __init__(self, path: Path, options: RunnerOptions | None = None):
         self.path = Path(path)
@@ -164,7 +164,6 @@ class Runner:
         self._use_io_binding = self.on_gpu if binding is None else binding
         self.output_names = [o.name for o in first.get_outputs()]
         self.output_shapes = {o.name: list(o.shape) for o in first.get_outputs()}
-        self.max_batch_size = self._declared_batch(first)
         log.info(
             "loaded %s: providers %s (wanted %s), %d instance(s), io_binding=%s",
             self.path,
@@ -208,11 +207,17 @@ class Runner:
         self.spec = ModelSpec.from_metadata(
             dict(session.get_modelmeta().custom_metadata_map), source=str(self.path)
         )
-        self._probe_batch = self._declared_batch(session)
+        self.max_batch_size = self._declared_batch(session)
 
     def _provider_options(self) -> list[tuple[str, dict[str, str]]]:
+        # CPU needs no options, and a CPU-only runner has no spec yet when it asks.
         return [
-            (p, {} if p == CPU else provider_options(p, self.options, self.spec, self._probe_batch))
+            (
+                p,
+                {}
+                if p == CPU
+                else provider_options(p, self.options, self.spec, self.max_batch_size),
+            )
             for p in self.providers
         ]
 
