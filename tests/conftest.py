@@ -64,7 +64,9 @@ def quick_model(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     build_demo_dataset(data, DemoDataConfig(train_samples=2000, val_samples=300))
     cfg = TrainConfig.from_sources(
         Path(__file__).parent.parent / "training" / "configs" / "demo.yaml",
-        {"data": data, "output": base / "run", "input_size": 64, "epochs": 10},
+        # No glimpse head: the serving tests need a model, not the demo's accuracy, and
+        # it would cost a fifth more training (test_glimpse and test_export cover it).
+        {"data": data, "output": base / "run", "input_size": 64, "epochs": 10, "glimpse_size": 0},
     )
     checkpoint = train(cfg, progress=False).best_checkpoint
     repository = base / "models"

@@ -100,6 +100,7 @@ def model_from_checkpoint(path: Path) -> LoadedModel:
         weights_file=config.weights_file,
         dropout=config.dropout,
         restoring=True,
+        glimpse_size=config.glimpse_size,
     )
     model.load_state_dict(inference_weights(state))
     model.eval()

@@ -33,6 +33,12 @@ class TrainConfig(BaseModel):
     weights_file: Path | None = None
     input_size: int = Field(default=224, ge=32)
     dropout: float = Field(default=0.2, ge=0, lt=1)
+    glimpse_size: int = Field(
+        default=0,
+        ge=0,
+        description="localization only: also classify a NxN window of the input at the "
+        "predicted box and add its logits to the classifier's (0: off; 16 for the demo)",
+    )
 
     # eval preprocessing (= the ModelSpec's); None picks center_crop for classification and
     # letterbox for localization

@@ -10,6 +10,9 @@ Every model is ``trunk → feature map F [B, C, h, w]`` followed by
     sigmoid outputs, normalised xyxy in input-tensor coordinates. Flattening keeps where
     things are, which pooling would throw away; it ties the head to the input size, which
     is fixed per model anyway (the ModelSpec carries it).
+  * optionally, with boxes, a glimpse head (``training.glimpse``): a small CNN on the input
+    window at the predicted box, whose logits are added to the classifier's. CAMs then
+    explain the classifier's share of the logits, as before.
 
 The torchvision network is kept intact under ``trunk.net`` (its head replaced by Identity),
 so torchvision state dicts load by key with only a prefix.
@@ -21,13 +24,14 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torchvision
 from torch import nn
 from torch.nn import functional as F
 
+from training.glimpse import GlimpseHead
 from training.lenet import LENET_CHANNELS, LeNet5
 
 log = logging.getLogger(__name__)
@@ -270,6 +274,18 @@ class AuxHead(nn.Module):
         return self.fc(self.reduce(x).mean(dim=(2, 3)))  # type: ignore[no-any-return]
 
 
+class HeadOutputs(NamedTuple):
+    """``logits`` is what the model answers with: ``trunk_logits``, plus
+    ``glimpse_logits`` when the model has a glimpse head."""
+
+    logits: torch.Tensor
+    boxes: torch.Tensor | None
+    features: torch.Tensor
+    trunk_logits: torch.Tensor
+    glimpse_logits: torch.Tensor | None
+    aux_logits: torch.Tensor | None
+
+
 class ImageModel(nn.Module):
     """trunk → (logits, boxes | None, feature map). Input: normalised float NCHW."""
 
@@ -282,6 +298,7 @@ class ImageModel(nn.Module):
         with_boxes: bool,
         dropout: float = 0.2,
         net: nn.Module | None = None,
+        glimpse_size: int = 0,
     ):
         super().__init__()
         self.info = backbone_info(backbone)
@@ -296,6 +313,9 @@ class ImageModel(nn.Module):
             if self.info.family == "inception"
             else None
         )
+        self.glimpse = (
+            GlimpseHead(num_classes, glimpse_size) if with_boxes and glimpse_size else None
+        )
         self._frozen_blocks: list[nn.Module] = []
 
     def feature_size(self, input_size: tuple[int, int]) -> tuple[int, int]:
@@ -307,27 +327,37 @@ class ImageModel(nn.Module):
         return int(shape[2]), int(shape[3])
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        logits, boxes, features, _ = self.forward_with_aux(x)
-        return logits, boxes, features
+        out = self.heads(x)
+        return out.logits, out.boxes, out.features
 
-    def forward_with_aux(
-        self, x: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
-        """``forward`` plus the auxiliary classifier's logits, which exist only in
-        training mode and only for backbones that have one (Inception v3)."""
+    def heads(self, x: torch.Tensor, glimpse_boxes: torch.Tensor | None = None) -> HeadOutputs:
+        """Every head's output. ``glimpse_boxes`` (training): where the glimpse head looks
+        instead of the predicted boxes (a NaN row: at the predicted box). The auxiliary
+        classifier's logits exist only in training mode and only for backbones that have
+        one (Inception v3)."""
         features, aux_input = self.trunk.features_and_aux_input(x)
         pooled = features.mean(dim=(2, 3))
-        logits = self.classifier(self.dropout(pooled))
+        trunk_logits = self.classifier(self.dropout(pooled))
         boxes = self.box_head(features) if self.box_head is not None else None
+        glimpse_logits = None
+        if self.glimpse is not None and boxes is not None:
+            where = boxes
+            if glimpse_boxes is not None:
+                unknown = torch.isnan(glimpse_boxes).any(dim=1, keepdim=True)
+                where = torch.where(unknown, boxes, glimpse_boxes)
+            # Detached: the glimpse's loss must not pull the boxes towards easy crops.
+            glimpse_logits = self.glimpse(x, where.detach())
         aux = None
         if self.training and self.aux_head is not None and aux_input is not None:
             aux = self.aux_head(aux_input)
-        return logits, boxes, features, aux
+        logits = trunk_logits if glimpse_logits is None else trunk_logits + glimpse_logits
+        return HeadOutputs(logits, boxes, features, trunk_logits, glimpse_logits, aux)
 
     # --- fine-tuning stages -------------------------------------------------------------
 
     def head_modules(self) -> list[nn.Module]:
-        return [m for m in (self.classifier, self.box_head, self.aux_head) if m is not None]
+        heads = (self.classifier, self.box_head, self.aux_head, self.glimpse)
+        return [m for m in heads if m is not None]
 
     def freeze_backbone(self, trainable_top_blocks: int | None = 0) -> None:
         """Freeze the trunk except its top N blocks (None: train all of it).
@@ -493,6 +523,7 @@ def build_model(
     weights_file: Path | None = None,
     dropout: float = 0.2,
     restoring: bool = False,
+    glimpse_size: int = 0,
 ) -> ImageModel:
     """The one way to make a model: registry lookup, weights, heads for ``num_classes``.
 
@@ -507,7 +538,13 @@ def build_model(
     if torchvision_weights:
         net = pretrained_architecture(backbone) if restoring else pretrained_net(backbone)
     model = ImageModel(
-        backbone, num_classes, input_size, with_boxes=with_boxes, dropout=dropout, net=net
+        backbone,
+        num_classes,
+        input_size,
+        with_boxes=with_boxes,
+        dropout=dropout,
+        net=net,
+        glimpse_size=glimpse_size,
     )
     if weights_file is not None and not restoring:
         counts = load_backbone_weights(model, Path(weights_file))

@@ -42,6 +42,9 @@ class Int8Options:
     accept_slower: bool = False  # publish an INT8 model slower than FP32 here
 
 
+FP32_OPS = ("Cast", "GridSample")
+
+
 def to_fp16(
     path: Path,
     staging: Path,
@@ -55,9 +58,10 @@ def to_fp16(
     model = onnx.load(str(path))
     # uint8 input and float32 outputs stay as they are; the network runs in float16. Cast
     # nodes stay as exported (the converter would retype their outputs but not their
-    # "to" attribute) and get a float16 boundary after them instead.
-    casts = [node.name for node in model.graph.node if node.op_type == "Cast"]
-    converted = float16.convert_float_to_float16(model, keep_io_types=True, node_block_list=casts)
+    # "to" attribute) and get a float16 boundary after them instead. A glimpse's
+    # GridSample stays float32 too: ONNX Runtime's CPU kernel has no float16 version.
+    kept = [node.name for node in model.graph.node if node.op_type in FP32_OPS]
+    converted = float16.convert_float_to_float16(model, keep_io_types=True, node_block_list=kept)
     onnx.save(converted, str(path))
     parity = check_parity(graph, path, images, outputs, FP16_TOLERANCE)
     log.info("parity fp16: %s", parity)

@@ -47,6 +47,7 @@ from training.data import (
     load_dataset,
 )
 from training.evaluate import evaluate_predictions, predict, resolve_device
+from training.glimpse import jitter_boxes
 from training.metrics import summary
 from training.models import ImageModel, InputNormalize, build_model
 from training.plots import plot_confusion, plot_curves, write_per_class
@@ -244,6 +245,11 @@ def set_up(cfg: TrainConfig, state: dict[str, Any] | None) -> Run:
     index = load_dataset(cfg.data, manifest=cfg.manifest, verify=cfg.verify_images)
     (run_dir / "data_report.json").write_text(json.dumps(index.report(), indent=2) + "\n")
     task = Task.LOCALIZATION if index.with_boxes else Task.CLASSIFICATION
+    if cfg.glimpse_size and task is not Task.LOCALIZATION:
+        raise ValueError(
+            f"glimpse_size {cfg.glimpse_size} needs box data (a glimpse looks at the "
+            f"predicted box), and {cfg.data} has no box manifest: set glimpse_size: 0"
+        )
     if state is not None and list(state["classes"]) != index.classes:
         raise ValueError(f"dataset classes changed since the checkpoint: {index.classes}")
     for split in ("train", "val"):
@@ -261,6 +267,7 @@ def set_up(cfg: TrainConfig, state: dict[str, Any] | None) -> Run:
         weights_file=cfg.weights_file,
         dropout=cfg.dropout,
         restoring=state is not None,  # resume: the checkpoint's weights, the run's model
+        glimpse_size=cfg.glimpse_size,
     ).to(device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)  # type: ignore[call-overload]
@@ -309,6 +316,12 @@ def set_up(cfg: TrainConfig, state: dict[str, Any] | None) -> Run:
     return run
 
 
+def _glimpse_targets(model: ImageModel, true_boxes: torch.Tensor) -> torch.Tensor | None:
+    """Where the glimpse head looks in training: the true boxes, jittered like the box
+    head's error (rows without a box stay NaN: the head looks at the predicted box)."""
+    return None if model.glimpse is None else jitter_boxes(true_boxes)
+
+
 def train_one_epoch(
     run: Run,
     optimizer: torch.optim.Optimizer,
@@ -330,17 +343,25 @@ def train_one_epoch(
         images, labels, boxes = (t.to(device, non_blocking=True) for t in batch)
         with torch.autocast(device.type, dtype=torch.float16, enabled=run.use_amp):
             inputs = run.normalize(images).contiguous(memory_format=run.memory_format)
-            logits, pred_boxes, _, aux_logits = model.forward_with_aux(inputs)
-        loss, parts = compute_loss(logits, pred_boxes, labels, boxes, cfg, run.class_weights)
-        if aux_logits is not None:
-            aux = F.cross_entropy(
-                aux_logits.float(),
-                labels,
-                weight=run.class_weights,
-                label_smoothing=cfg.label_smoothing,
-            )
-            loss = loss + AUX_LOSS_WEIGHT * aux
-            parts["aux"] = float(aux.detach())
+            out = model.heads(inputs, glimpse_boxes=_glimpse_targets(model, boxes))
+        # Each classifier learns on its own loss (the served logits are their sum), so
+        # neither relies on the other to be right.
+        loss, parts = compute_loss(
+            out.trunk_logits, out.boxes, labels, boxes, cfg, run.class_weights
+        )
+        for name, extra, weight in (
+            ("aux", out.aux_logits, AUX_LOSS_WEIGHT),
+            ("glimpse", out.glimpse_logits, 1.0),
+        ):
+            if extra is not None:
+                term = F.cross_entropy(
+                    extra.float(),
+                    labels,
+                    weight=run.class_weights,
+                    label_smoothing=cfg.label_smoothing,
+                )
+                loss = loss + weight * term
+                parts[name] = float(term.detach())
         optimizer.zero_grad(set_to_none=True)
         run.scaler.scale(loss).backward()
         if cfg.grad_clip:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -248,3 +249,48 @@ def test_the_classic_backbones_train_export_and_pass_parity(
     runner = Runner(exported.path)
     batch = np.random.default_rng(1).integers(0, 256, (2, size, size, 3), dtype=np.uint8)
     assert runner.run(batch)["probabilities"].shape == (2, 10)
+
+
+def test_a_glimpse_model_trains_exports_and_serves_its_summed_logits(
+    tiny_demo: Path, tmp_path: Path
+) -> None:
+    cfg = TrainConfig.model_validate(
+        tiny_train_config(tiny_demo, tmp_path / "run", input_size=64, glimpse_size=8)
+    )
+    result = train(cfg, progress=False)
+    history = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
+    assert "train_glimpse" in history[0].split(",")  # its own loss, logged per epoch
+    exported = export_checkpoint(
+        result.best_checkpoint, ExportOptions(repository=tmp_path / "models", name="glimpse")
+    )
+    # Parity compares the ONNX graph with the checkpoint's model, glimpse included.
+    assert exported.parity["top1_agreement"] == 1.0
+    assert exported.parity["max_abs_probability"] <= 1e-4
+    graph = onnx.load(str(exported.path)).graph
+    assert any(node.op_type == "GridSample" for node in graph.node)  # the crop is in-graph
+    assert any("glimpse" in init.name for init in graph.initializer)
+    batch = np.random.default_rng(2).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    out = Runner(exported.path).run(batch)
+    assert out["probabilities"].shape == (3, 10) and out["boxes"].shape == (3, 4)
+    # FP16 keeps the GridSample in float32, which is all ONNX Runtime's CPU kernel takes.
+    half = export_checkpoint(
+        result.best_checkpoint,
+        ExportOptions(
+            repository=tmp_path / "models",
+            name="glimpse",
+            precision=Precision.FP16,
+            accept_drop=True,
+        ),
+    )
+    assert Runner(half.path).run(batch)["probabilities"].shape == (3, 10)
+
+
+def test_a_glimpse_needs_box_data(tiny_demo: Path, tmp_path: Path) -> None:
+    data = tmp_path / "no-boxes"
+    for split in ("train", "val"):
+        shutil.copytree(tiny_demo / split, data / split)
+    cfg = TrainConfig.model_validate(
+        tiny_train_config(data, tmp_path / "run", input_size=64, glimpse_size=8)
+    )
+    with pytest.raises(ValueError, match="glimpse_size 8 needs box data"):
+        train(cfg, progress=False)

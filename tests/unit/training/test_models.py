@@ -180,11 +180,11 @@ def test_inception_aux_logits_exist_in_training_only() -> None:
     model = build_model("inception_v3", 5, (96, 96), with_boxes=False)
     x = torch.randn(2, 3, 96, 96)
     model.train()
-    aux = model.forward_with_aux(x)[3]
+    aux = model.heads(x).aux_logits
     assert aux is not None and aux.shape == (2, 5)
     model.eval()
     with torch.no_grad():
-        assert model.forward_with_aux(x)[3] is None
+        assert model.heads(x).aux_logits is None
         assert len(model(x)) == 3
 
 
