@@ -43,6 +43,15 @@ class Int8Options:
 
 
 FP32_OPS = ("Cast", "GridSample")
+# The torch.onnx (dynamo) exporter records each node's module path in this metadata.
+NAME_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
+
+
+def _stays_fp32(node: onnx.NodeProto) -> bool:
+    if node.op_type in FP32_OPS:
+        return True
+    scopes = next((p.value for p in node.metadata_props if p.key == NAME_SCOPES_KEY), "")
+    return "'model.glimpse'" in scopes
 
 
 def to_fp16(
@@ -58,9 +67,11 @@ def to_fp16(
     model = onnx.load(str(path))
     # uint8 input and float32 outputs stay as they are; the network runs in float16. Cast
     # nodes stay as exported (the converter would retype their outputs but not their
-    # "to" attribute) and get a float16 boundary after them instead. A glimpse's
-    # GridSample stays float32 too: ONNX Runtime's CPU kernel has no float16 version.
-    kept = [node.name for node in model.graph.node if node.op_type in FP32_OPS]
+    # "to" attribute) and get a float16 boundary after them instead. The glimpse head
+    # stays float32 as a whole: ONNX Runtime's CPU GridSample has no float16 kernel, and
+    # its box arithmetic reads the "boxes" graph output, which the converter mistypes
+    # when a float16 node consumes it.
+    kept = [node.name for node in model.graph.node if _stays_fp32(node)]
     converted = float16.convert_float_to_float16(model, keep_io_types=True, node_block_list=kept)
     onnx.save(converted, str(path))
     parity = check_parity(graph, path, images, outputs, FP16_TOLERANCE)
