@@ -135,7 +135,8 @@ def test_the_grad_cam_peak_falls_inside_the_true_box_on_most_val_images(
         chance += box_area / (image.size[0] * image.size[1]) / len(samples)
     rate = inside / len(samples)
     print(f"Grad-CAM peak inside the true box: {rate:.3f} of {len(samples)} (chance {chance:.3f})")
-    # Measured: 0.74 for this model; 0.74 on 1,000 val images for the demo model that
-    # `make serve` trains (top-1 0.90); 0.21 by chance.
+    # Measured: 0.71 for this model (0.74 before the demo recipe had a glimpse head);
+    # 0.74 on 1,000 val images for the demo model that `make serve` trained before the
+    # glimpse (top-1 0.90); 0.21 by chance.
     assert chance < 0.3
     assert rate >= 0.6
