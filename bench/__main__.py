@@ -86,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=Path("/tmp/pytriton-venv"),
         help="the Triton peer's venv (../shared/peers/pytriton/setup.sh); skipped if absent",
     )
+    report.add_argument(
+        "--peer-dir",
+        type=Path,
+        default=None,
+        help="the Triton peer's scripts (default: ../shared/peers/pytriton beside the project)",
+    )
     report.add_argument("--no-peer", action="store_true", help="leave the Triton peer out")
     report.add_argument(
         "--torch", action="store_true", help="also PyTorch eager on the checkpoint (demo case)"
@@ -122,7 +128,10 @@ def _images(folder: Path | None) -> list[bytes]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from bench.processes import exit_on_sigterm
+
     args = build_parser().parse_args(argv)
+    exit_on_sigterm()
     if args.command == "load":
         from bench.load import run_load
         from service import eventloop

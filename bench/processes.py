@@ -181,6 +181,20 @@ class ServerProcess:
             self.process.wait(10)
 
 
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into ``SystemExit``, so ``finally`` blocks stop what the bench started.
+
+    Servers and the Triton peer run in sessions of their own (a Ctrl-C in the terminal
+    reaches only the bench, which then stops them in order). Without this, a SIGTERM to
+    the bench (``timeout``, a CI bound, ``kill``) ends it at once and leaves them running.
+    """
+
+    def _exit(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _exit)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

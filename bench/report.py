@@ -187,15 +187,16 @@ def run_report(args: argparse.Namespace) -> dict[str, Any]:
         for server in servers.values():
             server.wait_for_event("serving", timeout=300)
         peer_venv_ready = (args.peer_venv / "bin" / "python").exists()
-        peer_scripts = (PEER_DIR / "serve.sh").is_file()
+        peer_dir = args.peer_dir or PEER_DIR
+        peer_scripts = (peer_dir / "serve.sh").is_file()
         if not args.no_peer and peer_venv_ready and peer_scripts:
             SCRATCH.mkdir(parents=True, exist_ok=True)
-            peer = PeerProcess(PEER_DIR, args.peer_venv, model_path, SCRATCH / "peer.log")
+            peer = PeerProcess(peer_dir, args.peer_venv, model_path, SCRATCH / "peer.log")
             peer.wait_ready()
         elif not args.no_peer:
             # The report still compares our server with the in-process limit without it.
-            missing = args.peer_venv if not peer_venv_ready else PEER_DIR / "serve.sh"
-            print(f"no Triton peer: {missing} missing (run {PEER_DIR}/setup.sh {args.peer_venv})")
+            missing = args.peer_venv if not peer_venv_ready else peer_dir / "serve.sh"
+            print(f"no Triton peer: {missing} missing (run {peer_dir}/setup.sh {args.peer_venv})")
 
         def limit() -> LimitResult:
             result = measure_limit(model_path, images, seconds=args.seconds / 3, settings=settings)

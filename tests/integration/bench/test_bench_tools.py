@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -177,3 +180,87 @@ def test_bench_scoring_compares_engines_with_the_limit(
         assert run["images_per_s"] > 0
     assert report["limit"]["best_images_per_s"] > 0
     assert (tmp_path / report_file.name.replace(".json", ".md")).read_text().startswith("# ")
+
+
+FAKE_PEER = """#!/bin/bash
+# serve.sh VENV MODEL PORT, as the real peer's: listens, says it loaded, writes its pid.
+exec python3 -c '
+import os, socket, sys, time
+server = socket.create_server(("127.0.0.1", int(sys.argv[1])))
+open(sys.argv[2], "w").write(str(os.getpid()))
+print("successfully loaded", flush=True)
+time.sleep(600)
+' "$3" "$(dirname "$0")/peer.pid"
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text()
+
+
+def test_sigterm_to_bench_report_stops_its_servers_and_the_peer(
+    quick_model: dict[str, Path], tmp_path: Path
+) -> None:
+    """A bound (timeout, CI) ends the report with SIGTERM: what it started must not outlive
+    it, although servers and peer run in sessions of their own."""
+    peer_dir, venv = tmp_path / "peer", tmp_path / "venv"
+    peer_dir.mkdir()
+    (peer_dir / "serve.sh").write_text(FAKE_PEER)
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to(sys.executable)
+    report = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "report",
+            "--repository",
+            str(quick_model["repository"]),
+            "--workers",
+            "1",
+            "--concurrency",
+            "1",
+            "--seconds",
+            "30",
+            "--peer-dir",
+            str(peer_dir),
+            "--peer-venv",
+            str(venv),
+            "--results",
+            str(tmp_path),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    pid_file = peer_dir / "peer.pid"
+    deadline = time.monotonic() + 300
+    while not pid_file.is_file() or not pid_file.read_text():
+        assert report.poll() is None, "bench report ended before it started the peer"
+        assert time.monotonic() < deadline, "the peer never started"
+        time.sleep(0.5)
+    peer_pid = int(pid_file.read_text())
+    server_pids = [
+        int(p.name)
+        for p in Path("/proc").iterdir()
+        if p.name.isdigit()
+        and str(quick_model["repository"]).encode() in _cmdline(p)
+        and b"service" in _cmdline(p)
+    ]
+    assert server_pids, "no server of the report's found"
+    report.send_signal(signal.SIGTERM)
+    assert report.wait(60) == 128 + signal.SIGTERM
+    deadline = time.monotonic() + 30
+    while any(_alive(pid) for pid in [peer_pid, *server_pids]):
+        assert time.monotonic() < deadline, "the peer or a server outlived bench report"
+        time.sleep(0.2)
+
+
+def _cmdline(proc: Path) -> bytes:
+    try:
+        return (proc / "cmdline").read_bytes()
+    except OSError:
+        return b""
