@@ -127,10 +127,24 @@ class _CalibrationReader:
         self.position = 0
 
 
+def downstream_of(model: onnx.ModelProto, op_type: str) -> list[str]:
+    """Names of the nodes that read, directly or not, an output of an ``op_type`` node."""
+    tainted: set[str] = set()
+    names: list[str] = []
+    for node in model.graph.node:  # ONNX graphs are stored in topological order
+        if node.op_type == op_type or any(name in tainted for name in node.input):
+            tainted.update(node.output)
+            if node.op_type != op_type:
+                names.append(node.name)
+    return names
+
+
 def _quantize(source: Path, target: Path, images: np.ndarray, per_channel: bool) -> None:
     from onnxruntime import quantization as q
 
     reader = _CalibrationReader(images)
+    # A glimpse head's convolutions come after its GridSample, and the trunk's never do.
+    glimpse = downstream_of(onnx.load(str(source)), "GridSample")
     q.quantize_static(
         str(source),
         str(target),
@@ -139,9 +153,10 @@ def _quantize(source: Path, target: Path, images: np.ndarray, per_channel: bool)
         per_channel=per_channel,
         activation_type=q.QuantType.QUInt8,
         weight_type=q.QuantType.QInt8,
-        # Convolutions are where the time goes; the small heads (classifier, box MLP, CAM)
-        # stay in float, which keeps probabilities, boxes and CAMs accurate.
+        # Convolutions are where the time goes; the small heads (classifier, box MLP, CAM,
+        # glimpse) stay in float, which keeps probabilities, boxes and CAMs accurate.
         op_types_to_quantize=["Conv"],
+        nodes_to_exclude=glimpse,
         calibrate_method=q.CalibrationMethod.MinMax,
     )
 

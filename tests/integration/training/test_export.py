@@ -31,6 +31,7 @@ from training.export import (
     ParityTolerance,
     export_checkpoint,
 )
+from training.quantize import downstream_of
 from training.train import train
 
 pytestmark = pytest.mark.slow
@@ -285,6 +286,30 @@ def test_a_glimpse_model_trains_exports_and_serves_its_summed_logits(
         ),
     )
     assert Runner(half.path).run(batch)["probabilities"].shape == (3, 10)
+    # INT8 quantizes the trunk's convolutions only: the glimpse stays float, as the other
+    # small heads do.
+    int8 = export_checkpoint(
+        result.best_checkpoint,
+        ExportOptions(
+            repository=tmp_path / "models",
+            name="glimpse",
+            precision=Precision.INT8,
+            calibration_images=64,  # the tiny set has 96 training images
+            accept_drop=True,
+            accept_slower=True,
+            full_decode=True,
+            gradcam_metrics=False,
+        ),
+    )
+    quantized = onnx.load(str(int8.path))
+    after_crop = set(downstream_of(quantized, "GridSample"))
+    convs = [n for n in quantized.graph.node if n.op_type == "Conv"]
+    assert any(n.name in after_crop for n in convs)  # the glimpse's, fed float weights
+    assert not any(
+        n.op_type == "DequantizeLinear" for n in quantized.graph.node if n.name in after_crop
+    )
+    assert any(n.op_type == "DequantizeLinear" for n in quantized.graph.node)  # the trunk's
+    assert Runner(int8.path).run(batch)["probabilities"].shape == (3, 10)
 
 
 def test_a_glimpse_needs_box_data(tiny_demo: Path, tmp_path: Path) -> None:
