@@ -25,7 +25,7 @@ from pydantic_settings import (
 )
 
 from service.cores import cpu_count
-from service.model_flags import add_model_flags, collect_flag_values
+from service.model_flags import NONE_WORDS, add_model_flags, collect_flag_values
 from service.preprocess import ImageLimits
 from service.runner_options import DEFAULT_PROVIDERS, RunnerOptions
 
@@ -261,6 +261,14 @@ class Settings(BaseSettings):
             raise ValueError("batch sizes must be >= 1")
         return sorted(set(value))
 
+    @field_validator("http_port", "metrics_port", mode="before")
+    @classmethod
+    def _port_off(cls, value: Any) -> Any:
+        # "none" turns a port off, whether it comes from a flag, the environment or YAML.
+        if isinstance(value, str) and value.strip().lower() in NONE_WORDS:
+            return None
+        return value
+
     @field_validator("trt_fp16", mode="before")
     @classmethod
     def _fp16_from_bool(cls, value: Any) -> Any:
@@ -386,7 +394,9 @@ def load_settings(config_file: Path | None = None, **flags: Any) -> Settings:
         raise ConfigError(f"config file {config_file} does not exist")
     token = _yaml_file.set(Path(config_file) if config_file else None)
     try:
-        return Settings(**{k: v for k, v in flags.items() if v is not None})
+        # None is a value here ("none" on the command line turns a port off); flags that
+        # were not given never reach this call (collect_flag_values leaves them out).
+        return Settings(**flags)
     except ValidationError as exc:
         lines = []
         for error in exc.errors():

@@ -37,6 +37,22 @@ def test_precedence_yaml_then_env_then_flags(
     assert settings.models == ["a", "b"]
 
 
+def test_none_turns_a_port_off_from_a_flag_the_environment_or_yaml(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    args = build_parser().parse_args(["--http-port", "none", "--metrics-port", "None"])
+    settings = load_settings(**parse_flag_values(args))
+    assert (settings.http_port, settings.metrics_port) == (None, None)
+    monkeypatch.setenv("CLASSIFIER_HTTP_PORT", "none")
+    assert load_settings().http_port is None
+    monkeypatch.delenv("CLASSIFIER_HTTP_PORT")
+    config = tmp_path / "serve.yaml"
+    config.write_text("metrics_port: none\nhttp_port: null\n")
+    settings = load_settings(config)
+    assert (settings.http_port, settings.metrics_port) == (None, None)
+    assert load_settings().http_port == 8000  # nothing given: the default
+
+
 def test_every_bad_field_is_named(tmp_path: Path) -> None:
     config = tmp_path / "bad.yaml"
     config.write_text("max_batch_size: 0\nport: 99999\nversion_policy: newest\n")
