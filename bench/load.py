@@ -16,6 +16,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -46,12 +47,17 @@ class LoadResult:
     errors: dict[str, int] = field(default_factory=dict)
     # The server's CPU per answered image in the measured window (``cpu_probe``).
     cpu_ms_per_image: float | None = None
+    # How busy the whole machine was in that window (every core, load generator included):
+    # near 100, a faster server can only take CPU from the client.
+    machine_busy_percent: float | None = None
 
     def summary(self) -> str:
         lat = self.latency_ms
         errors = sum(self.errors.values())
         load = f"c={self.concurrency}" if self.mode == "closed" else f"rate={self.target_rate}/s"
         cpu = "" if self.cpu_ms_per_image is None else f"  cpu {self.cpu_ms_per_image:.2f} ms/img"
+        if self.machine_busy_percent is not None:
+            cpu += f"  machine {self.machine_busy_percent:.0f}% busy"
         return (
             f"{self.mode} {load} x{self.images_per_request}: {self.images_per_s:.1f} img/s "
             f"{self.requests_per_s:.1f} req/s  p50 {lat.get('p50', 0):.2f} ms  "
@@ -66,36 +72,57 @@ class LoadResult:
 CpuProbe = Callable[[], float]  # CPU seconds the measured server has used so far
 
 
+def machine_ticks(stat: Path = Path("/proc/stat")) -> tuple[int, int] | None:
+    """(busy, total) clock ticks of every core since boot; None where /proc is absent."""
+    try:
+        fields = [int(v) for v in stat.read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    total = sum(fields[:8])  # guest time is already inside user and nice
+    return total - idle, total
+
+
 class CpuWindow:
-    """The server's CPU seconds over the measured window: sampled when the warm-up ends
-    and when the window closes (or when the load stops first)."""
+    """The server's CPU seconds, and how busy the whole machine was, over the measured
+    window: sampled when the warm-up ends and when the window closes (or when the load
+    stops first)."""
 
     def __init__(self, probe: CpuProbe | None, measure_from: float, stop_at: float):
         self.probe = probe
         self._start: float | None = None
         self._end: float | None = None
-        self._task = (
-            asyncio.get_running_loop().create_task(self._sample(measure_from, stop_at))
-            if probe is not None
-            else None
-        )
+        self._ticks: list[tuple[int, int] | None] = []
+        self._task = asyncio.get_running_loop().create_task(self._sample(measure_from, stop_at))
+
+    def _take(self) -> float | None:
+        self._ticks.append(machine_ticks())
+        return self.probe() if self.probe is not None else None
 
     async def _sample(self, measure_from: float, stop_at: float) -> None:
-        assert self.probe is not None
         await asyncio.sleep(max(0.0, measure_from - time.perf_counter()))
-        self._start = self.probe()
+        self._start = self._take()
         await asyncio.sleep(max(0.0, stop_at - time.perf_counter()))
-        self._end = self.probe()
+        self._end = self._take()
 
-    async def ms_per_image(self, images: int) -> float | None:
-        if self._task is None or self.probe is None:
-            return None
+    def _close(self) -> None:
         if not self._task.done():
             self._task.cancel()
-            self._end = self.probe()
+            if self._ticks:  # the load stopped inside the window: close it now
+                self._end = self._take()
+
+    async def ms_per_image(self, images: int) -> float | None:
+        self._close()
         if self._start is None or self._end is None or images == 0:
             return None
         return round((self._end - self._start) * 1000 / images, 3)
+
+    def machine_busy_percent(self) -> float | None:
+        self._close()
+        if len(self._ticks) < 2 or self._ticks[0] is None or self._ticks[-1] is None:
+            return None
+        (busy0, total0), (busy1, total1) = self._ticks[0], self._ticks[-1]
+        return round(100 * (busy1 - busy0) / (total1 - total0), 1) if total1 > total0 else None
 
 
 def check_loopback(target: str) -> None:
@@ -219,6 +246,7 @@ async def run_load(
                 await asyncio.gather(*in_flight)
         window = min(time.perf_counter(), stop_at) - measure_from
         cpu_ms = await cpu.ms_per_image(len(latencies) * images_per_request)
+        busy = cpu.machine_busy_percent()
     finally:
         for channel in pool:
             await channel.close()
@@ -236,4 +264,5 @@ async def run_load(
         latency_ms=percentiles(latencies),
         errors=errors,
         cpu_ms_per_image=cpu_ms,
+        machine_busy_percent=busy,
     )

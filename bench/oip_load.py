@@ -114,6 +114,7 @@ async def run_oip_load(
 
         await asyncio.gather(*(caller(k) for k in range(concurrency)))
         cpu_ms = await cpu.ms_per_image(len(latencies))
+        busy = cpu.machine_busy_percent()
     finally:
         for client in clients:
             await client.close()
@@ -131,4 +132,5 @@ async def run_oip_load(
         latency_ms=percentiles(latencies),
         errors=errors,
         cpu_ms_per_image=cpu_ms,
+        machine_busy_percent=busy,
     )

@@ -1,7 +1,8 @@
 """``python -m bench report``: the in-process limit, our server and the Triton peer, in one run.
 
 Measurements are interleaved — limit, then for each concurrency ours over classifier.v1,
-ours over the Open Inference Protocol and the peer back to back, then batched requests,
+the gRPC floor (``bench.floor``: a server that does no work), ours over the Open Inference
+Protocol and the peer back to back, then batched requests,
 then the limit again — so drift of this noisy machine hits every contender alike, and
 ratios are taken within the run. Everyone gets the same ONNX model and the same four
 photos (JPEG q90, native size); ours over OIP and the peer are driven by one and the same
@@ -20,6 +21,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
+from bench.floor import FloorProcess
 from bench.limit import LimitResult, measure_limit
 from bench.load import LoadResult, run_load
 from bench.oip_load import ours as our_oip_target
@@ -182,6 +184,7 @@ def run_report(args: argparse.Namespace) -> dict[str, Any]:
     # One server per worker count, all started up front (an idle one costs nothing), so
     # their measurements can be interleaved with the others'.
     servers = {w: ServerProcess(repository, *flags, "--workers", str(w)) for w in workers}
+    floor = FloorProcess()
     peer: PeerProcess | None = None
     try:
         for server in servers.values():
@@ -204,6 +207,7 @@ def run_report(args: argparse.Namespace) -> dict[str, Any]:
             return result
 
         limits = [limit()]
+        floor_results: dict[int, LoadResult] = {}
         ours: dict[int, dict[int, LoadResult]] = {w: {} for w in workers}
         ours_oip: dict[int, LoadResult] = {}
         theirs: dict[int, LoadResult] = {}
@@ -211,6 +215,19 @@ def run_report(args: argparse.Namespace) -> dict[str, Any]:
             for w, server in servers.items():
                 ours[w][c] = _load(server, images, name, c, args.seconds, warmup, 1, args.channels)
                 print(f"ours  classifier.v1 workers={w} {ours[w][c].summary()}")
+            floor_results[c] = eventloop.run(
+                run_load(
+                    floor.target,
+                    images,
+                    model=name,
+                    concurrency=c,
+                    seconds=args.seconds,
+                    warmup=warmup,
+                    channels=args.channels,
+                    cpu_probe=lambda: tree_cpu_seconds(floor.pid),
+                )
+            )
+            print(f"gRPC floor (no work)           {floor_results[c].summary()}")
             served = servers[main_workers]
             oip_target = our_oip_target(served.target, name)
             ours_oip[c] = _oip(oip_target, images, c, args.seconds, warmup, served.pid)
@@ -239,6 +256,7 @@ def run_report(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         for server in servers.values():
             server.kill()
+        floor.stop()
         if peer is not None:
             peer.stop()
     if args.torch and args.case == "demo" and Path("runs/demo/best.pt").is_file():
@@ -267,7 +285,15 @@ def run_report(args: argparse.Namespace) -> dict[str, Any]:
             "ours_oip": {c: vars(r) for c, r in ours_oip.items()},
             "ours_batched_requests": {n: vars(r) for n, r in batched.items()},
             "peer": {c: vars(r) for c, r in theirs.items()},
+            "grpc_floor": {c: vars(r) for c, r in floor_results.items()},
             "ratios": {
+                # The limit plus the gRPC floor over the limit: the CPU ratio below which
+                # no grpcio server can go here, however little its handlers do.
+                "best_possible_cpu_per_image_over_limit": {
+                    c: ratio(limit_cpu + r.cpu_ms_per_image, limit_cpu)
+                    for c, r in floor_results.items()
+                    if r.cpu_ms_per_image is not None
+                },
                 "ours_best_over_limit": round(best_ours / limit_ips, 3),
                 "ours_single_image_requests_over_limit": round(best_single / limit_ips, 3),
                 "cpu_per_image_over_limit_by_workers": {
@@ -372,6 +398,29 @@ def markdown(report: dict[str, Any]) -> str:
             over = of(of(cpu_ratios, w) or {}, c)
             cells += [cell(o), cpu(o), "–" if over is None else f"{over:.2f}"]
         lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    busy = [
+        f"{w} worker(s) c={c}: {o['machine_busy_percent']:.0f}%"
+        for w, table in by_workers.items()
+        for c, o in table.items()
+        if o.get("machine_busy_percent") is not None
+    ]
+    if busy:
+        lines += [
+            "",
+            "How busy the whole machine was (every core, the load generator included): "
+            + "; ".join(busy)
+            + ". Near 100%, more workers can only take CPU from the client.",
+        ]
+    floor = report.get("grpc_floor", {})
+    if floor:
+        lines += [
+            "",
+            "The gRPC floor: a grpc.aio server on uvloop that answers every Classify at once "
+            "(no decode, no model; `bench/floor.py`), driven by the same client: CPU ms per "
+            "call "
+            + ", ".join(f"{cpu(o)} at c={c}" for c, o in floor.items())
+            + ". No handler can go below the limit plus this.",
+        ]
     single = report.get("ours_single_channel", {})
     if single:
         lines += [

@@ -65,6 +65,7 @@ def test_bench_load_two_seconds_against_a_real_server(quick_model: dict[str, Pat
             assert result["errors"] == {}
             assert {"p50", "p90", "p99", "max"} <= set(result["latency_ms"])
             assert result["latency_ms"]["p50"] <= result["latency_ms"]["p99"]
+            assert 0 < result["machine_busy_percent"] <= 100  # the load itself keeps it busy
             assert "img/s" in out.stderr  # the one-line summary
         oip = subprocess.run(
             [
@@ -264,3 +265,19 @@ def _cmdline(proc: Path) -> bytes:
         return (proc / "cmdline").read_bytes()
     except OSError:
         return b""
+
+
+def test_the_grpc_floor_answers_classify_at_once() -> None:
+    from bench.floor import ANSWER, FloorProcess
+    from service.client import ClassifierClient
+
+    floor = FloorProcess()
+    try:
+        with ClassifierClient(floor.target, channels=1) as client:
+            (result,) = client.classify([b"not even an image: the floor decodes nothing"])
+        assert [p.label for p in result.predictions] == [
+            p.label for p in ANSWER.results[0].predictions
+        ]
+    finally:
+        floor.stop()
+    assert floor.process.poll() is not None
