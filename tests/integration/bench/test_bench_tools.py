@@ -252,12 +252,25 @@ def test_sigterm_to_bench_report_stops_its_servers_and_the_peer(
         and b"service" in _cmdline(p)
     ]
     assert server_pids, "no server of the report's found"
+    floor_pids = [
+        int(p.name)
+        for p in Path("/proc").iterdir()
+        if p.name.isdigit() and b"bench.floor" in _cmdline(p) and _parent(p) == report.pid
+    ]
+    assert floor_pids, "no gRPC floor server of the report's found"
     report.send_signal(signal.SIGTERM)
     assert report.wait(60) == 128 + signal.SIGTERM
     deadline = time.monotonic() + 30
-    while any(_alive(pid) for pid in [peer_pid, *server_pids]):
+    while any(_alive(pid) for pid in [peer_pid, *server_pids, *floor_pids]):
         assert time.monotonic() < deadline, "the peer or a server outlived bench report"
         time.sleep(0.2)
+
+
+def _parent(proc: Path) -> int | None:
+    try:
+        return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _cmdline(proc: Path) -> bytes:
