@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import subprocess
 import sys
 from typing import Any
@@ -24,6 +25,7 @@ from service.config import load_settings
 from service.proto_gen.classifier.v1 import classifier_pb2 as pb
 from service.proto_gen.classifier.v1 import classifier_pb2_grpc as pb_grpc
 from service.server import server_options
+from service.workers import tie_to_parent
 
 ANSWER = pb.ClassifyResponse(
     model="demo",
@@ -56,7 +58,7 @@ class FloorProcess:
 
     def __init__(self) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "bench.floor", "--port", "0"],
+            [sys.executable, "-m", "bench.floor", "--port", "0", "--parent", str(os.getpid())],
             cwd=ROOT,
             stdout=subprocess.PIPE,
             text=True,
@@ -81,7 +83,11 @@ class FloorProcess:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.floor", description=__doc__)
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--parent", type=int, help="end when this process (our parent) ends")
     args = parser.parse_args()
+    # A bench that is killed, even by SIGKILL, must not leave this server holding a port.
+    if args.parent is not None and not tie_to_parent(args.parent):
+        return
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C ends it quietly
         eventloop.run(serve(args.port))
 

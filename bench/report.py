@@ -89,6 +89,28 @@ def _load(
     )
 
 
+def _floor_load(
+    floor: FloorProcess,
+    images: list[bytes],
+    model: str,
+    concurrency: int,
+    args: argparse.Namespace,
+    warmup: float,
+) -> LoadResult:
+    return eventloop.run(
+        run_load(
+            floor.target,
+            images,
+            model=model,
+            concurrency=concurrency,
+            seconds=args.seconds,
+            warmup=warmup,
+            channels=args.channels,
+            cpu_probe=lambda: tree_cpu_seconds(floor.pid),
+        )
+    )
+
+
 def _oip(
     target: Any, images: list[bytes], concurrency: int, seconds: float, warmup: float, pid: int
 ) -> LoadResult:
@@ -183,8 +205,8 @@ def run_report(args: argparse.Namespace) -> dict[str, Any]:
     print(f"machine: {report['machine']}")
     # One server per worker count, all started up front (an idle one costs nothing), so
     # their measurements can be interleaved with the others'.
+    floor = FloorProcess()  # ends with this process, whatever happens (see bench.floor)
     servers = {w: ServerProcess(repository, *flags, "--workers", str(w)) for w in workers}
-    floor = FloorProcess()
     peer: PeerProcess | None = None
     try:
         for server in servers.values():
@@ -215,18 +237,7 @@ def run_report(args: argparse.Namespace) -> dict[str, Any]:
             for w, server in servers.items():
                 ours[w][c] = _load(server, images, name, c, args.seconds, warmup, 1, args.channels)
                 print(f"ours  classifier.v1 workers={w} {ours[w][c].summary()}")
-            floor_results[c] = eventloop.run(
-                run_load(
-                    floor.target,
-                    images,
-                    model=name,
-                    concurrency=c,
-                    seconds=args.seconds,
-                    warmup=warmup,
-                    channels=args.channels,
-                    cpu_probe=lambda: tree_cpu_seconds(floor.pid),
-                )
-            )
+            floor_results[c] = _floor_load(floor, images, name, c, args, warmup)
             print(f"gRPC floor (no work)           {floor_results[c].summary()}")
             served = servers[main_workers]
             oip_target = our_oip_target(served.target, name)

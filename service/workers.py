@@ -108,21 +108,28 @@ WorkerMain = Any  # (settings, index, count, cores, status file) -> None, in the
 _PR_SET_PDEATHSIG = 1
 
 
-def _run_worker(worker_main: WorkerMain, supervisor_pid: int, *args: Any) -> None:
-    """The child's entry: tied to the supervisor's life, then the worker's body.
+def tie_to_parent(parent_pid: int) -> bool:
+    """Ask the kernel for SIGTERM when our parent dies, even by SIGKILL (Linux; elsewhere
+    nothing). False if the parent is already gone: the caller should exit at once.
 
-    A supervisor killed with SIGKILL cannot forward anything, and an orphaned worker would
-    keep the port and answer with no one supervising it. So each worker asks the kernel
-    for SIGTERM when its parent dies (Linux; it then drains like any stopped worker). The
-    kernel means the parent *thread*: workers are started from the supervisor's main
-    thread only, which lives as long as the supervisor.
-    """
+    The kernel means the parent *thread*: start such children from a thread that lives
+    as long as the parent process (its main thread)."""
     with contextlib.suppress(OSError, AttributeError):
         import ctypes
 
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    if os.getppid() != supervisor_pid:  # it died before the request took effect
+    return os.getppid() == parent_pid  # else it died before the request took effect
+
+
+def _run_worker(worker_main: WorkerMain, supervisor_pid: int, *args: Any) -> None:
+    """The child's entry: tied to the supervisor's life, then the worker's body.
+
+    A supervisor killed with SIGKILL cannot forward anything, and an orphaned worker would
+    keep the port and answer with no one supervising it. So each worker gets SIGTERM when
+    the supervisor dies (it then drains like any stopped worker).
+    """
+    if not tie_to_parent(supervisor_pid):
         os._exit(0)
     worker_main(*args)
 

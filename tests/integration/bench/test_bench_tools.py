@@ -294,3 +294,25 @@ def test_the_grpc_floor_answers_classify_at_once() -> None:
     finally:
         floor.stop()
     assert floor.process.poll() is not None
+
+
+def test_the_grpc_floor_ends_when_the_bench_that_started_it_is_killed() -> None:
+    bench = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from bench.floor import FloorProcess; import time; "
+            "print(FloorProcess().pid, flush=True); time.sleep(120)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert bench.stdout is not None
+    floor_pid = int(bench.stdout.readline())
+    assert _alive(floor_pid)
+    bench.kill()  # no finally block runs: only the kernel can tell the floor
+    bench.wait(10)
+    deadline = time.monotonic() + 30
+    while _alive(floor_pid):
+        assert time.monotonic() < deadline, "the floor server outlived its bench"
+        time.sleep(0.2)
