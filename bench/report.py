@@ -65,7 +65,7 @@ def machine() -> dict[str, Any]:
 
 
 def _load(
-    server: ServerProcess,
+    server: ServerProcess | FloorProcess,  # anything with a target and a pid
     images: list[bytes],
     model: str,
     concurrency: int,
@@ -85,28 +85,6 @@ def _load(
             images_per_request=images_per_request,
             channels=channels,
             cpu_probe=lambda: tree_cpu_seconds(server.pid),
-        )
-    )
-
-
-def _floor_load(
-    floor: FloorProcess,
-    images: list[bytes],
-    model: str,
-    concurrency: int,
-    args: argparse.Namespace,
-    warmup: float,
-) -> LoadResult:
-    return eventloop.run(
-        run_load(
-            floor.target,
-            images,
-            model=model,
-            concurrency=concurrency,
-            seconds=args.seconds,
-            warmup=warmup,
-            channels=args.channels,
-            cpu_probe=lambda: tree_cpu_seconds(floor.pid),
         )
     )
 
@@ -203,9 +181,9 @@ def run_report(args: argparse.Namespace) -> dict[str, Any]:
         "photos": sorted(os.listdir(photos)),
     }
     print(f"machine: {report['machine']}")
+    floor = FloorProcess()  # ends with this process, whatever happens (see bench.floor)
     # One server per worker count, all started up front (an idle one costs nothing), so
     # their measurements can be interleaved with the others'.
-    floor = FloorProcess()  # ends with this process, whatever happens (see bench.floor)
     servers = {w: ServerProcess(repository, *flags, "--workers", str(w)) for w in workers}
     peer: PeerProcess | None = None
     try:
@@ -237,7 +215,7 @@ def run_report(args: argparse.Namespace) -> dict[str, Any]:
             for w, server in servers.items():
                 ours[w][c] = _load(server, images, name, c, args.seconds, warmup, 1, args.channels)
                 print(f"ours  classifier.v1 workers={w} {ours[w][c].summary()}")
-            floor_results[c] = _floor_load(floor, images, name, c, args, warmup)
+            floor_results[c] = _load(floor, images, name, c, args.seconds, warmup, 1, args.channels)
             print(f"gRPC floor (no work)           {floor_results[c].summary()}")
             served = servers[main_workers]
             oip_target = our_oip_target(served.target, name)
