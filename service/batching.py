@@ -1,6 +1,8 @@
 """Dynamic batching per model version (asyncio; knows nothing of gRPC or ONNX Runtime).
 
-Each image is one item. A request is admitted before its images are decoded
+Each image is one item: host pixels (uint8 H×W×3) or, with GPU decoding, a row already in
+device memory; the batcher never looks inside, it hands each batch's items in order to
+``run_batch``. A request is admitted before its images are decoded
 (``admit(count)`` reserves room for all of them, or refuses the whole request at once with
 QueueFullError, so a full server spends nothing on decoding what it cannot queue), then
 submits its decoded images together and awaits one future per image, so its answers come
@@ -25,6 +27,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -39,7 +42,8 @@ from service.errors import (
 log = logging.getLogger(__name__)
 
 Outputs = dict[str, np.ndarray]
-RunBatch = Callable[[np.ndarray], Outputs]
+BatchItem = Any  # np.ndarray, or service.gpu_decode.DeviceRow (the runner tells them apart)
+RunBatch = Callable[[list[BatchItem]], Outputs]
 
 
 @dataclass(frozen=True)
@@ -71,7 +75,7 @@ class Admission:
         self._count = count
 
     def submit(
-        self, images: Sequence[np.ndarray], deadline: float | None = None
+        self, images: Sequence[BatchItem], deadline: float | None = None
     ) -> list[asyncio.Future[dict[str, np.ndarray]]]:
         if len(images) > self._count:
             raise ValueError(f"admitted {self._count} images, submitting {len(images)}")
@@ -94,7 +98,7 @@ class Admission:
 
 @dataclass
 class Item:
-    image: np.ndarray
+    image: BatchItem
     future: asyncio.Future[dict[str, np.ndarray]]
     deadline: float | None  # time.monotonic() seconds; None: no deadline
     enqueued: float = field(default_factory=time.monotonic)
@@ -150,14 +154,14 @@ class DynamicBatcher:
         return Admission(self, count)
 
     def submit(
-        self, images: Sequence[np.ndarray], deadline: float | None = None
+        self, images: Sequence[BatchItem], deadline: float | None = None
     ) -> list[asyncio.Future[dict[str, np.ndarray]]]:
         """Admit and queue a request's images; their futures resolve to one row each."""
         with self.admit(len(images)) as admission:
             return admission.submit(images, deadline)
 
     def _enqueue(
-        self, images: Sequence[np.ndarray], deadline: float | None
+        self, images: Sequence[BatchItem], deadline: float | None
     ) -> list[asyncio.Future[dict[str, np.ndarray]]]:
         loop = asyncio.get_running_loop()
         futures = []
@@ -245,15 +249,12 @@ class DynamicBatcher:
         self._hooks.queued(self.pending)
         return batch
 
-    def _stack_and_run(self, images: list[np.ndarray]) -> Outputs:
-        return self._run_batch(np.stack(images))
-
     async def _execute(self, batch: list[Item]) -> None:
         started = time.monotonic()
         try:
-            # Stacking copies every image: done in the executor, off the event loop.
+            # Assembling the batch copies every image: done in the executor, off the loop.
             outputs = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._stack_and_run, [item.image for item in batch]
+                self._executor, self._run_batch, [item.image for item in batch]
             )
             rows = {len(v) for v in outputs.values()}
             if rows != {len(batch)}:

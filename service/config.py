@@ -242,6 +242,17 @@ class Settings(BaseSettings):
         description="decode/resize threads (0: two per core, which hides "
         "the GIL hand-offs between Pillow's C code and Python)",
     )
+    decode_device: Literal["auto", "cpu", "gpu"] = Field(
+        default="auto",
+        description="where JPEGs are decoded and resized for a model on a GPU: gpu "
+        "(nvImageCodec into device memory, resized there; other formats and what it cannot "
+        "decode go to the CPU image by image), cpu (Pillow), or auto (gpu when the model "
+        "runs on a GPU and nvImageCodec is installed and starts; a model that cannot have "
+        "it with gpu fails to load)",
+    )
+    gpu_decoders: int = Field(
+        default=2, ge=1, description="nvImageCodec decoders per model on a GPU (calls at once)"
+    )
     default_top_k: int = Field(default=5, ge=1)
     heatmap_max_side: int = Field(default=224, ge=8)
 

@@ -11,6 +11,9 @@ Order, and why:
    until the answer is ready, as long as the message lives), its images against the
    version's queue (``max_queue_size``) — a full server refuses at once;
 3. decode and resize in the preprocess pool, within the decode budget (``DecodeBudget``);
+   for a model on a GPU with GPU decoding, the request's JPEGs go together, in one pool
+   task, to ``service.gpu_decode`` (decoded and resized on the device), and only what it
+   hands back goes through the CPU path;
 4. the batcher; one output row per image comes back, in order.
 
 An image is any of: encoded bytes (decoded and resized as the model's ModelSpec says), a
@@ -25,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +46,7 @@ from service.errors import (
     ServerBusyError,
     ServiceError,
 )
+from service.gpu_decode import DevicePreprocessor
 from service.memory import FreedMemory
 from service.metrics import Metrics
 from service.model_spec import ModelSpec
@@ -142,6 +146,44 @@ def prepare(
     return failure
 
 
+def _encoded(image: ImageSource) -> bool:
+    """Encoded bytes, as such or in a classifier.v1 Image (looked at, not copied)."""
+    if isinstance(image, bytes | bytearray | memoryview):
+        return True
+    return hasattr(image, "WhichOneof") and image.WhichOneof("data") == "encoded"
+
+
+def _encoded_bytes(image: ImageSource) -> bytes:
+    return bytes(image.encoded if hasattr(image, "WhichOneof") else image)
+
+
+def prepare_on_device(
+    device: DevicePreprocessor,
+    images: Sequence[ImageSource],
+    positions: Sequence[int],
+    limits: ImageLimits,
+    budget: DecodeBudget,
+    deadline: float | None,
+) -> list[Prepared | ServiceError | None]:
+    """The encoded images at ``positions`` through GPU decoding, in one pool task; None
+    where the CPU path must take an image. Never raises, as ``prepare``."""
+    started = time.perf_counter()
+    try:
+        datas = [_encoded_bytes(images[i]) for i in positions]
+        outcomes = device.prepare(datas, limits, budget, deadline, indices=positions)
+    except Exception as exc:  # the GPU path's own failure: the CPU path takes them all
+        log.warning("GPU decoding failed for a request (%s); decoding on the CPU", exc)
+        return [None] * len(positions)
+    per_image = (time.perf_counter() - started) / max(1, len(positions))
+    out: list[Prepared | ServiceError | None] = []
+    for outcome in outcomes:
+        if isinstance(outcome, tuple):
+            out.append((outcome[0], outcome[1], per_image))  # type: ignore[arg-type]
+        else:
+            out.append(outcome)
+    return out
+
+
 class InflightBytes:
     """Image bytes of the calls being served at once, bounded server-wide. What a call
     held is reported to ``freed`` when it ends (its message is freed right after)."""
@@ -217,7 +259,10 @@ class RequestPipeline:
                         self.pool, prepare, image, spec, self.limits, i, self.budget, deadline
                     )
 
-                if count == 1:  # most calls: no gather around a single future
+                device = entry.runner.device_preprocessor if entry.runner else None
+                if device is not None:
+                    prepared = await self._prepare_with_device(device, images, deadline, decode)
+                elif count == 1:  # most calls: no gather around a single future
                     prepared = [await decode(0, images[0])]
                 else:
                     prepared = await asyncio.gather(*map(decode, range(count), images))
@@ -245,6 +290,37 @@ class RequestPipeline:
                 raise row
         self.metrics.child(self.metrics.images, call.model, call.version).inc(count)
         return rows, geometries  # type: ignore[return-value]
+
+    async def _prepare_with_device(
+        self,
+        device: DevicePreprocessor,
+        images: Sequence[ImageSource],
+        deadline: float | None,
+        decode: Callable[[int, ImageSource], asyncio.Future[Prepared | ServiceError]],
+    ) -> list[Prepared | ServiceError]:
+        """The request's encoded images through GPU decoding together; the rest, and what
+        it hands back, through ``prepare`` one by one. In request order."""
+        positions = [i for i, image in enumerate(images) if _encoded(image)]
+        prepared: list[Prepared | ServiceError | None] = [None] * len(images)
+        if positions:
+            outcomes = await asyncio.get_running_loop().run_in_executor(
+                self.pool,
+                prepare_on_device,
+                device,
+                images,
+                positions,
+                self.limits,
+                self.budget,
+                deadline,
+            )
+            for position, outcome in zip(positions, outcomes, strict=True):
+                prepared[position] = outcome
+        rest = [i for i, item in enumerate(prepared) if item is None]
+        if rest:
+            done = await asyncio.gather(*(decode(i, images[i]) for i in rest))
+            for i, item in zip(rest, done, strict=True):
+                prepared[i] = item
+        return prepared  # type: ignore[return-value]
 
 
 def deadline_of(time_remaining: float | None) -> float | None:

@@ -42,6 +42,7 @@ from pathlib import Path
 from service.batching import BatcherConfig, BatcherHooks, DynamicBatcher
 from service.config import Settings
 from service.errors import InvalidArgumentError, NotFoundError, UnavailableError
+from service.gpu_decode import device_preprocessor_for
 from service.layout import MODEL_FILE, scan
 from service.metrics import Metrics
 from service.model_spec import ModelSpec
@@ -321,7 +322,7 @@ class ModelRepository:
         entry.runner = runner
         entry.batcher = DynamicBatcher(
             f"{name}/{version}",
-            runner.run,
+            runner.run_items,
             config,
             self.executor,
             _MetricHooks(self.metrics, name, str(version)),
@@ -370,6 +371,9 @@ class ModelRepository:
         sizes = runner.warmup_sizes(limit, s.preferred_batch_sizes)
         runner.warmup(sizes)
         log.info("warmed up %s at batch sizes %s", path, sizes)
+        runner.device_preprocessor = device_preprocessor_for(
+            runner, s.decode_device, s.image_limits(), s.gpu_decoders
+        )
         return runner
 
     # --- retiring --------------------------------------------------------------------

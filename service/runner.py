@@ -17,19 +17,24 @@ IO binding copies the input batch to the device once and each output back once.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import queue
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
 from service.cores import cpu_count
 from service.errors import InferenceError
+from service.gpu_decode import DecodedImage, DevicePreprocessor, DeviceRow
 from service.model_spec import FP16_GATE_METRIC, ModelSpec
+from service.preprocess import Geometry
 from service.runner_options import CPU, CUDA, TENSORRT, RunnerOptions
 
 log = logging.getLogger(__name__)
@@ -122,6 +127,57 @@ def ort_version() -> str:
     return str(ort.__version__)
 
 
+BatchItem = np.ndarray | DeviceRow  # one image of a batch: host pixels or a device row
+
+
+class DeviceResize:
+    """The serving resize (``service.device_resize``) as an ONNX Runtime session on the
+    runner's device: decoded images in, model-input rows out, both in device memory and
+    bound by pointer, so nothing is copied through the host. On the CPU provider it runs
+    the same way on host memory (the stand-in that tests use where there is no GPU)."""
+
+    def __init__(self, spec: ModelSpec, device: str, device_id: int, providers: list[str]):
+        from service.device_resize import build_resize_graph, resize_inputs
+
+        self._inputs_for = resize_inputs
+        self.spec = spec
+        self.device, self.device_id = device, device_id
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # the nearest-neighbour mode's deprecation notice
+        if device == "cuda":
+            # Every node on the GPU, or no session: a resize that silently ran on the CPU
+            # would copy each decoded image back to the host and forth again.
+            options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+        self._session = ort.InferenceSession(build_resize_graph(spec), options, providers=providers)
+        self._row = [spec.input.height, spec.input.width, 3]
+
+    def new_rows(self, count: int) -> ort.OrtValue:
+        return ort.OrtValue.ortvalue_from_shape_and_type(
+            [count, *self._row], np.uint8, self.device, self.device_id
+        )
+
+    def rows_pointer(self, rows: ort.OrtValue) -> int:
+        return int(rows.data_ptr())
+
+    def resize_into(self, image: DecodedImage, geometry: Geometry, dst: int) -> None:
+        binding = self._session.io_binding()
+        binding.bind_input(
+            "image",
+            self.device,
+            self.device_id,
+            np.uint8,
+            [image.height, image.width, 3],
+            image.pointer,
+        )
+        for name, value in self._inputs_for(geometry, self.spec).items():
+            binding.bind_cpu_input(name, value)
+        binding.bind_output("out", self.device, self.device_id, np.uint8, self._row, dst)
+        self._session.run_with_iobinding(binding)
+
+    def read_row(self, row: DeviceRow) -> np.ndarray:
+        return np.asarray(row.rows.numpy()[row.index])
+
+
 class Runner:
     """One model version in ONNX Runtime. Thread-safe: ``run`` may be called concurrently."""
 
@@ -162,6 +218,10 @@ class Runner:
         self._device_id = self.options.device_id if self.on_gpu else 0
         binding = self.options.io_binding
         self._use_io_binding = self.on_gpu if binding is None else binding
+        # GPU decoding, when the server turns it on (service.gpu_decode).
+        self.device_preprocessor: DevicePreprocessor | None = None
+        self._copy_stream: int | None = None  # batch assembly from device rows (GPU)
+        self._stream_lock = threading.Lock()
         self.output_names = [o.name for o in first.get_outputs()]
         self.output_shapes = {o.name: list(o.shape) for o in first.get_outputs()}
         log.info(
@@ -335,22 +395,97 @@ class Runner:
             raise
         except Exception as exc:
             raise InferenceError(f"ONNX Runtime failed on a batch of {len(images)}: {exc}") from exc
+        return self._checked_rows(outputs, len(images))
+
+    @staticmethod
+    def _checked_rows(outputs: dict[str, np.ndarray], count: int) -> dict[str, np.ndarray]:
         for name, value in outputs.items():
-            if len(value) != len(images):
-                raise InferenceError(
-                    f"output {name!r} has {len(value)} rows for {len(images)} images"
-                )
+            if len(value) != count:
+                raise InferenceError(f"output {name!r} has {len(value)} rows for {count} images")
         return outputs
+
+    def device_resize(self) -> DeviceResize:
+        """The resize session for GPU decoding, on this runner's device and providers."""
+        return DeviceResize(self.spec, self._device, self._device_id, self.providers)
+
+    def run_items(self, items: Sequence[BatchItem]) -> dict[str, np.ndarray]:
+        """A batch of host images and rows already on the device (GPU decoding), in order.
+
+        Host images only: stacked and run as ``run`` does. With device rows, the batch is
+        assembled in the runner's memory: device rows copied device to device, host images
+        copied up, one row each; then the model reads it in place."""
+        if not any(isinstance(item, DeviceRow) for item in items):
+            return self.run(np.stack(items))  # type: ignore[arg-type]
+        spec = self.spec
+        row_bytes = spec.input.height * spec.input.width * 3
+        shape = [len(items), spec.input.height, spec.input.width, 3]
+        try:
+            batch = ort.OrtValue.ortvalue_from_shape_and_type(
+                shape, np.uint8, self._device, self._device_id
+            )
+            base = int(batch.data_ptr())
+            hosts = []  # host images stay referenced until their copies are done
+            copy = self._copier()
+            for k, item in enumerate(items):
+                if isinstance(item, DeviceRow):
+                    copy(base + k * row_bytes, item.pointer, row_bytes, False)
+                else:
+                    host = np.ascontiguousarray(item, dtype=np.uint8)
+                    if host.shape != tuple(shape[1:]):
+                        raise InferenceError(f"image {k} has shape {list(host.shape)}")
+                    hosts.append(host)
+                    copy(base + k * row_bytes, host.ctypes.data, row_bytes, True)
+            self._copies_done()
+            with self._session() as session:
+                outputs = self._run_bound_value(session, batch)
+        except InferenceError:
+            raise
+        except Exception as exc:
+            raise InferenceError(f"ONNX Runtime failed on a batch of {len(items)}: {exc}") from exc
+        return self._checked_rows(outputs, len(items))
+
+    def _copier(self) -> Any:
+        """copy(dst, src, bytes, from_host) into this runner's memory."""
+        if not self.on_gpu:
+
+            def host_copy(dst: int, src: int, count: int, _from_host: bool) -> None:
+                ctypes.memmove(dst, src, count)
+
+            return host_copy
+        from service.cuda import CudaRuntime
+
+        cuda = CudaRuntime.get()
+        with self._stream_lock:
+            if self._copy_stream is None:
+                cuda.set_device(self._device_id)
+                self._copy_stream = cuda.stream_create()
+        stream = self._copy_stream
+
+        def device_copy(dst: int, src: int, count: int, from_host: bool) -> None:
+            cuda.copy_async(dst, src, count, stream, from_host)
+
+        return device_copy
+
+    def _copies_done(self) -> None:
+        if self.on_gpu and self._copy_stream is not None:
+            from service.cuda import CudaRuntime
+
+            CudaRuntime.get().stream_synchronize(self._copy_stream)
 
     def _run_bound(
         self, session: ort.InferenceSession, images: np.ndarray
     ) -> dict[str, np.ndarray]:
-        binding = session.io_binding()
         # One copy of the batch onto the device; the outputs stay there until each is
         # copied back once, by .numpy().
         batch = ort.OrtValue.ortvalue_from_numpy(
             np.ascontiguousarray(images), self._device, self._device_id
         )
+        return self._run_bound_value(session, batch)
+
+    def _run_bound_value(
+        self, session: ort.InferenceSession, batch: ort.OrtValue
+    ) -> dict[str, np.ndarray]:
+        binding = session.io_binding()
         binding.bind_ortvalue_input(self.spec.input.name, batch)
         for name in self.output_names:
             binding.bind_output(name, self._device, self._device_id)

@@ -30,8 +30,9 @@ class FakeRunner:
         self.gate = threading.Event()
         self.gate.set()
 
-    def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
+    def __call__(self, items: list[np.ndarray]) -> dict[str, np.ndarray]:
         self.gate.wait(10)
+        images = np.stack(items)
         tags = [int(t) for t in images[:, 0, 0, 0]]
         self.batches.append(tags)
         time.sleep(self.delay)
@@ -206,9 +207,9 @@ def test_full_batch_dispatches_immediately_and_close_drains() -> None:
 def test_concurrency_runs_batches_in_parallel() -> None:
     barrier = threading.Barrier(4, timeout=5)
 
-    def run_batch(images: np.ndarray) -> dict[str, np.ndarray]:
+    def run_batch(items: list[np.ndarray]) -> dict[str, np.ndarray]:
         barrier.wait()  # only returns once 4 batches are executing at the same time
-        return {"tag": images[:, 0, 0, 0].astype(np.int64)}
+        return {"tag": np.stack(items)[:, 0, 0, 0].astype(np.int64)}
 
     async def main() -> None:
         batcher = DynamicBatcher(
