@@ -14,7 +14,7 @@ METRICS_PORT ?= 9090
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup proto test test-fast lint demo-data demo-model serve clean readme-check image-test lock
+.PHONY: help setup proto test test-fast lint demo-data demo-model serve clean readme-check image-test lock gpu-bundle
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -71,6 +71,11 @@ readme-check: setup  ## run every README command as written (starts make serve i
 
 image-test: setup demo-model  ## build the Dockerfile's cpu target with buildah and run it with podman (no Docker daemon needed)
 	bash .ci/image-test.sh
+
+# The device run's bundle (README, "On a GPU"): cp312 wheels, onnxruntime-gpu slimmed to one
+# GPU architecture, the generated code and the demo checkpoint, in parts of <= 56 MiB.
+gpu-bundle: setup demo-model  ## write .gpu-bundle/: what a bare CUDA 13 machine needs for the device run, in parts
+	$(PY) -m bench.device.bundle --out .gpu-bundle --wheel-cache .cache/gpu-wheels
 
 LOCK = $(VENV)/bin/uv pip compile pyproject.toml --quiet --python-version 3.11 \
 	--python-platform x86_64-manylinux_2_28 -c requirements/constraints.txt

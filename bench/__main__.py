@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
         "at the model's input size (no decode or resize in the server)",
     )
     load.add_argument("--json", type=Path, help="also write the result here")
+    load.add_argument(
+        "--latencies", type=Path, help="also write every measured latency (s) here, one per line"
+    )
 
     limit = sub.add_parser("limit", help="the in-process pipeline, no gRPC")
     limit.add_argument("--model", type=Path, required=True, help="model.onnx")
@@ -136,13 +139,14 @@ def main(argv: list[str] | None = None) -> int:
         from bench.load import run_load
         from service import eventloop
 
+        latencies: list[float] = []
         if args.payload == "tensor" and args.protocol != "oip":
             raise SystemExit("--payload tensor needs --protocol oip")
         if args.protocol == "oip":
             from bench.oip_load import ours, ours_tensor, run_oip_load
 
-            if args.rate is not None or args.images_per_request != 1:
-                raise SystemExit("--protocol oip is closed loop, one image per request")
+            if args.rate is not None:
+                raise SystemExit("--protocol oip is closed loop")
             target = (
                 ours_tensor(args.target, args.model)
                 if args.payload == "tensor"
@@ -155,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
                 seconds=args.seconds,
                 warmup=args.warmup,
                 channels=args.channels,
+                images_per_request=args.images_per_request,
+                latencies_out=latencies,
             )
         else:
             coroutine = run_load(
@@ -169,8 +175,11 @@ def main(argv: list[str] | None = None) -> int:
                 images_per_request=args.images_per_request,
                 method=args.method,
                 channels=args.channels,
+                latencies_out=latencies,
             )
         result = eventloop.run(coroutine)
+        if args.latencies:
+            args.latencies.write_text("".join(f"{v:.6f}\n" for v in latencies))
         print(result.to_json())
         print(result.summary(), file=sys.stderr)
         if args.json:

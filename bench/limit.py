@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from service.config import Settings, load_settings
+from service.gpu_decode import device_preprocessor_for
 from service.pipeline import run_pipeline
 from service.postprocess import top_k
 from service.preprocess import preprocess_encoded
@@ -31,6 +32,7 @@ class LimitResult:
     # CPU (this process, all threads) per image at each batch size, and at the best one.
     cpu_ms_per_image_by_batch: dict[int, float]
     cpu_ms_per_image: float
+    decode: str = "cpu"  # where JPEGs were decoded: cpu, or gpu (nvImageCodec)
 
     def summary(self) -> str:
         lat = self.batch1_latency_ms
@@ -61,6 +63,10 @@ def measure_limit(
     labels = spec.labels
     runner.warmup(sorted(set(batch_sizes)))
     limits = settings.image_limits()
+    # As the server does: JPEGs decoded on the GPU when the model runs there (decode_device).
+    runner.device_preprocessor = device_preprocessor_for(
+        runner, settings.decode_device, limits, settings.gpu_decoders
+    )
     throughput: dict[int, float] = {}
     cpu_ms: dict[int, float] = {}
     for batch in batch_sizes:
@@ -78,10 +84,16 @@ def measure_limit(
         throughput[batch] = count / (time.perf_counter() - started)
         cpu_ms[batch] = (time.process_time() - cpu_started) * 1000 / count
     latencies = []
+    device = runner.device_preprocessor
     for i in range(latency_samples):
         started = time.perf_counter()
-        array, _ = preprocess_encoded(images[i % len(images)], spec, limits)
-        out = runner.run(array[None])
+        image = images[i % len(images)]
+        outcome = device.prepare([image], limits)[0] if device is not None else None
+        if isinstance(outcome, tuple):
+            out = runner.run_items([outcome[0]])
+        else:
+            array, _ = preprocess_encoded(image, spec, limits)
+            out = runner.run(array[None])
         top_k(out[spec.outputs.probabilities][0], 5, labels)
         latencies.append(time.perf_counter() - started)
     ms = np.array(latencies) * 1000
@@ -92,6 +104,7 @@ def measure_limit(
         best_images_per_s=throughput[best],
         cpu_ms_per_image_by_batch={b: round(v, 3) for b, v in cpu_ms.items()},
         cpu_ms_per_image=round(cpu_ms[best], 3),
+        decode="cpu" if device is None else "gpu",
         batch1_latency_ms={
             "p50": float(np.percentile(ms, 50)),
             "p90": float(np.percentile(ms, 90)),

@@ -176,13 +176,15 @@ async def run_load(
     seed: int = 0,
     channels: int = 4,
     cpu_probe: CpuProbe | None = None,
+    latencies_out: list[float] | None = None,
 ) -> LoadResult:
     """Closed loop when ``rate`` is None (``concurrency`` callers), else open loop. Calls go
     round-robin over ``channels`` connections, as the SDK's do (a server's workers share
-    its port, and the kernel balances connections)."""
+    its port, and the kernel balances connections). ``latencies_out`` receives every
+    measured latency."""
     check_loopback(target)
     requests = build_requests(images, model, images_per_request, method)
-    latencies: list[float] = []
+    latencies: list[float] = [] if latencies_out is None else latencies_out
     errors: dict[str, int] = {}
     done_in_window = 0
     options = [*channel_options(), ("grpc.use_local_subchannel_pool", 1)]

@@ -33,7 +33,7 @@ class OipTarget:
     address: str
     model: str
     input_name: str
-    shape: tuple[int, ...]  # of one request's tensor
+    shape: tuple[int, ...]  # of one image's part of a request's tensor (batch axis first)
     datatype: str = "BYTES"
     spec: ModelSpec | None = None  # UINT8: the model whose input the images become
 
@@ -64,20 +64,27 @@ async def run_oip_load(
     timeout: float = 30.0,
     channels: int = 4,
     cpu_probe: CpuProbe | None = None,
+    images_per_request: int = 1,
+    latencies_out: list[float] | None = None,
 ) -> LoadResult:
-    """Callers share ``channels`` clients (connections), round-robin per call."""
+    """Callers share ``channels`` clients (connections), round-robin per call. With
+    ``images_per_request`` > 1 each request carries that many images along the batch axis
+    (consecutive images, cycling). ``latencies_out`` receives every measured latency."""
     check_loopback(target.address)
     if target.spec is not None:
         limits = ImageLimits()
-        payloads = [preprocess_encoded(image, target.spec, limits)[0][None] for image in images]
+        one = [preprocess_encoded(image, target.spec, limits)[0][None] for image in images]
     else:
-        payloads = [np.array([image], dtype=np.object_).reshape(target.shape) for image in images]
+        one = [np.array([image], dtype=np.object_).reshape(target.shape) for image in images]
     inputs = []
-    for payload in payloads:  # built once: the generator spends its CPU on the wire
-        tensor = triton.InferInput(target.input_name, list(target.shape), target.datatype)
+    n = images_per_request
+    for start in range(len(one)):  # built once: the generator spends its CPU on the wire
+        payload = np.concatenate([one[(start + i) % len(one)] for i in range(n)])
+        shape = [n * target.shape[0], *target.shape[1:]]
+        tensor = triton.InferInput(target.input_name, shape, target.datatype)
         tensor.set_data_from_numpy(payload)
         inputs.append(tensor)
-    latencies: list[float] = []
+    latencies: list[float] = [] if latencies_out is None else latencies_out
     errors: dict[str, int] = {}
     # A connection per client: equal channel arguments would share one.
     options = [
@@ -113,7 +120,7 @@ async def run_oip_load(
                 i += concurrency
 
         await asyncio.gather(*(caller(k) for k in range(concurrency)))
-        cpu_ms = await cpu.ms_per_image(len(latencies))
+        cpu_ms = await cpu.ms_per_image(len(latencies) * n)
         busy = cpu.machine_busy_percent()
     finally:
         for client in clients:
@@ -123,12 +130,12 @@ async def run_oip_load(
         mode="closed",
         concurrency=concurrency,
         target_rate=None,
-        images_per_request=1,
+        images_per_request=n,
         seconds=seconds,
         requests=ok,
-        images=ok,
+        images=ok * n,
         requests_per_s=ok / seconds,
-        images_per_s=ok / seconds,
+        images_per_s=ok * n / seconds,
         latency_ms=percentiles(latencies),
         errors=errors,
         cpu_ms_per_image=cpu_ms,

@@ -59,15 +59,14 @@ def latest_model(repository: Path, name: str) -> Path:
     return versions[max(versions)]
 
 
-def resnet50_model(repository: Path = SCRATCH / "models", data: Path = Path("data/demo")) -> Path:
-    """A random-init ResNet-50 (224 px, center crop) exported like any model of ours."""
-    target = model_file(repository, "resnet50", 1)
-    if target.is_file():
-        return target
+def resnet50_checkpoint(path: Path, data: Path = Path("data/demo")) -> Path:
+    """A random-init ResNet-50 checkpoint (224 px, center crop, 10 classes): the speed of a
+    network does not depend on its weights."""
+    if path.is_file():
+        return path
     from service.model_spec import Task
     from training.checkpoint import checkpoint_state, save_checkpoint
     from training.config import TrainConfig
-    from training.export import ExportOptions, export_checkpoint
     from training.models import build_model
 
     config = TrainConfig(
@@ -75,10 +74,10 @@ def resnet50_model(repository: Path = SCRATCH / "models", data: Path = Path("dat
         backbone="resnet50",
         pretrained=False,
         input_size=224,
-        output=SCRATCH / "resnet50-run",
+        output=path.parent / "resnet50-run",
     )
     model = build_model("resnet50", 10, (224, 224), with_boxes=False)
-    checkpoint = SCRATCH / "resnet50-random.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(
         checkpoint_state(
             model=model.state_dict(),
@@ -89,12 +88,35 @@ def resnet50_model(repository: Path = SCRATCH / "models", data: Path = Path("dat
             input_size=(224, 224),
             preprocessing=config.preprocessing(Task.CLASSIFICATION),
         ),
-        checkpoint,
+        path,
     )
+    return path
+
+
+def resnet50_model(
+    repository: Path = SCRATCH / "models",
+    data: Path = Path("data/demo"),
+    precision: str = "fp32",
+) -> Path:
+    """The random-init ResNet-50 exported like any model of ours, as ``resnet50`` (FP32) or
+    ``resnet50-fp16`` (FP16, with its accuracy gate on ``data``'s val split)."""
+    name = "resnet50" if precision == "fp32" else f"resnet50-{precision}"
+    target = model_file(repository, name, 1)
+    if target.is_file():
+        return target
+    from service.model_spec import Precision
+    from training.export import ExportOptions, export_checkpoint
+
+    checkpoint = resnet50_checkpoint(repository.parent / "resnet50-random.pt", data)
     export_checkpoint(
         checkpoint,
         ExportOptions(
-            repository=repository, name="resnet50", version=1, data=data, parity_images=8
+            repository=repository,
+            name=name,
+            version=1,
+            data=data,
+            parity_images=8,
+            precision=Precision(precision),
         ),
     )
     return target

@@ -181,7 +181,7 @@ class PillowHostDecoder:
                     from PIL import ImageOps
 
                     upright = ImageOps.exif_transpose(image).convert("RGB")
-                pixels = np.ascontiguousarray(np.asarray(upright))
+                pixels = np.array(upright)  # its own, contiguous copy
             except Exception:
                 out.append(None)
                 continue

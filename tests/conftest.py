@@ -48,35 +48,13 @@ def tiny_train_config(data: Path, output: Path, **overrides: object) -> dict[str
 
 @pytest.fixture(scope="session")
 def quick_model(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A real, briefly trained and exported demo model (about a minute on 2 cores).
+    """A real, briefly trained and exported demo model (``tests.fixtures``), built once per
+    run however many workers ask. Returns the dataset root, the checkpoint, and the model
+    repository holding ``demo/1/model.onnx``."""
+    from tests.fixtures import build_quick_model, cached, quick_model_paths, shared_root
 
-    2,000 training images at 64 px for 10 epochs: boxes land on the digits (IoU >= 0.5 on
-    ~90% of val images), top-1 is ~60%. Returns the dataset root, the checkpoint, and the
-    model repository holding ``demo/1/model.onnx``.
-    """
-    from training.config import TrainConfig
-    from training.demo_data import DemoDataConfig, build_demo_dataset
-    from training.export import ExportOptions, export_checkpoint
-    from training.train import train
-
-    base = tmp_path_factory.mktemp("quick")
-    data = base / "demo"
-    build_demo_dataset(data, DemoDataConfig(train_samples=2000, val_samples=300))
-    cfg = TrainConfig.from_sources(
-        Path(__file__).parent.parent / "training" / "configs" / "demo.yaml",
-        # No glimpse head: the serving tests need a model, not the demo's accuracy, and
-        # it would cost a fifth more training (test_glimpse and test_export cover it).
-        {"data": data, "output": base / "run", "input_size": 64, "epochs": 10, "glimpse_size": 0},
-    )
-    checkpoint = train(cfg, progress=False).best_checkpoint
-    repository = base / "models"
-    export_checkpoint(checkpoint, ExportOptions(repository=repository, name="demo"))
-    return {
-        "data": data,
-        "checkpoint": checkpoint,
-        "repository": repository,
-        "model": repository / "demo" / "1" / "model.onnx",
-    }
+    base = cached("quick-model", build_quick_model, shared_root(tmp_path_factory))
+    return quick_model_paths(base)
 
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

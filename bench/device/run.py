@@ -1,0 +1,867 @@
+"""The device run: on a CUDA machine with the bundle installed, measure the GPU path in one
+go and write every figure and log into one folder (``bash bench/device/device.sh run``).
+
+``prepare`` (started in the background once the base archive is in): the demo dataset, the
+quick test model (``tests.fixtures``), the demo model exported from its checkpoint, and a
+random ResNet-50 at 224 exported in FP32 and FP16 (with the FP16 gate) by our exporter.
+
+``run`` (after the last part), in order, each stage within what is left of ``--budget``:
+
+1. ``env``: the GPU, the packages, the providers; a CUDA session checked against the CPU;
+   nvImageCodec decoding a JPEG on the GPU;
+2. ``gpu_tests``: ``pytest -m gpu``;
+3. ``limit``: in-process, no server: ResNet-50 FP32 and FP16 on CUDA from UINT8 batches
+   (with and without the host copies), and from JPEGs decoded on the CPU and on the GPU;
+4. ``server``: ``python -m service`` on the GPU (1 and 2 workers) under load from several
+   client processes: UINT8 tensors over the Open Inference Protocol, JPEGs over
+   classifier.v1 decoded on the GPU and on the CPU, and a concurrency sweep for p50/p99
+   against throughput; GPU utilisation from ``nvidia-smi``, the server's CPU, its own
+   time split (``/metrics``), and a py-spy profile;
+5. ``cpu_workers``: the CPU server on every core, ``--workers 1,2,4,8``, the demo model,
+   JPEGs from a client with a channel pool;
+
+then ``results.json``, ``report.md``, ``profile.svg`` and ``logs.tar.gz`` in ``--out``.
+A stage that fails is recorded with its error and the next one runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+CUDA_PROVIDERS = "CUDAExecutionProvider,CPUExecutionProvider"
+GPU_SERVER_FLAGS = (
+    "--providers",
+    CUDA_PROVIDERS,
+    "--max-batch-size",
+    "128",
+    "--instances",
+    "2",
+    # Exhaustive search at every one of 128 batch sizes would take the warm-up minutes.
+    "--cudnn-conv-algo-search",
+    "HEURISTIC",
+    "--max-queue-size",
+    "8192",
+    "--max-inflight-bytes",
+    str(4 << 30),
+    "--no-access-log",
+)
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def sh(
+    command: list[str], timeout: float, log_file: Path, env: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """A command with its output in ``log_file``; killed (its whole session) at ``timeout``."""
+    started = time.monotonic()
+    with open(log_file, "a") as out:
+        out.write(f"$ {' '.join(command)}\n")
+        out.flush()
+        process = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
+        try:
+            rc = process.wait(timeout=max(1.0, timeout))
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            rc = -9
+    tail = log_file.read_text(errors="replace").splitlines()[-15:]
+    return {"rc": rc, "seconds": round(time.monotonic() - started, 1), "tail": tail}
+
+
+# --- prepare --------------------------------------------------------------------------
+
+
+def prepare(work: Path) -> int:
+    """Data and models, in two lanes (each uses all cores for a while)."""
+    py = sys.executable
+    logs = work / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    models, data = work / "models", work / "data"
+    steps: dict[str, dict[str, Any]] = {}
+    quick = (
+        "from pathlib import Path; from tests.fixtures import cached, build_quick_model; "
+        f"cached('quick-model', build_quick_model, Path({str(work / 'fixtures')!r}))"
+    )
+    resnet = (
+        "from pathlib import Path; from bench.workload import resnet50_model; "
+        f"[print(resnet50_model(Path({str(models)!r}), Path({str(data / 'gate')!r}), p)) "
+        "for p in ('fp32', 'fp16')]"
+    )
+    gate_data = (
+        "from pathlib import Path; from training.demo_data import DemoDataConfig, "
+        f"build_demo_dataset as b; b(Path({str(data / 'gate')!r}), "
+        "DemoDataConfig(train_samples=20, val_samples=300))"
+    )
+    lanes = {
+        "quick_model": [("quick_model", [py, "-c", quick], 400)],
+        "models": [
+            (
+                "demo_data",
+                [py, "-m", "training", "-q", "demo-data", "--root", str(data / "demo")],
+                200,
+            ),
+            (
+                "demo_export",
+                [
+                    py,
+                    "-m",
+                    "training",
+                    "-q",
+                    "export",
+                    str(work / "artifacts" / "demo-best.pt"),
+                    "--repository",
+                    str(models),
+                    "--name",
+                    "demo",
+                    "--data",
+                    str(data / "demo"),
+                ],
+                300,
+            ),
+            ("gate_data", [py, "-c", gate_data], 100),
+            ("resnet50_export", [py, "-c", resnet], 500),
+        ],
+    }
+
+    def lane(name: str) -> None:
+        for step, command, timeout in lanes[name]:
+            log(f"prepare: {step}")
+            steps[step] = sh(command, timeout, logs / f"prepare-{step}.log")
+            log(f"prepare: {step} rc={steps[step]['rc']} in {steps[step]['seconds']} s")
+
+    threads = [threading.Thread(target=lane, args=(name,)) for name in lanes]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    (work / "prepare.json").write_text(json.dumps(steps, indent=1))
+    return 0
+
+
+# --- measuring ------------------------------------------------------------------------
+
+
+class GpuSampler:
+    """``nvidia-smi`` every 200 ms: utilisation, memory, power, by time."""
+
+    def __init__(self, log_file: Path):
+        self.samples: list[tuple[float, float, float, float]] = []
+        self._process: subprocess.Popen[str] | None = None
+        if shutil.which("nvidia-smi") is None:
+            return
+        self._log = log_file
+        self._process = subprocess.Popen(
+            [
+                "nvidia-smi",
+                "--query-gpu=utilization.gpu,memory.used,power.draw",
+                "--format=csv,noheader,nounits",
+                "-lms",
+                "200",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self._process is not None and self._process.stdout is not None
+        for line in self._process.stdout:
+            try:
+                util, mem, power = (float(v) for v in line.strip().split(", ")[:3])
+            except ValueError:
+                continue
+            self.samples.append((time.monotonic(), util, mem, power))
+
+    def window(self, start: float, end: float) -> dict[str, float] | None:
+        inside = [s for s in self.samples if start <= s[0] <= end]
+        if not inside:
+            return None
+        util = [s[1] for s in inside]
+        return {
+            "gpu_util_mean": round(float(np.mean(util)), 1),
+            "gpu_util_max": max(util),
+            "gpu_mem_mb_max": max(s[2] for s in inside),
+            "power_w_mean": round(float(np.mean([s[3] for s in inside])), 1),
+        }
+
+    def stop(self) -> None:
+        if self._process is not None:
+            self._process.terminate()
+
+
+def percentiles(latencies: list[float]) -> dict[str, float]:
+    if not latencies:
+        return {}
+    ms = np.array(latencies) * 1000
+    return {q: round(float(np.percentile(ms, int(q[1:]))), 2) for q in ("p50", "p90", "p99")}
+
+
+_HISTOGRAMS = {
+    "preprocess": "classifier_preprocess_duration_seconds",
+    "queue": "classifier_queue_duration_seconds",
+    "inference": "classifier_inference_duration_seconds",
+    "batch_size": "classifier_batch_size",
+}
+
+
+def scrape(port: int) -> dict[str, float]:
+    """Sums and counts of the server's time-split histograms (all workers, all labels)."""
+    import urllib.request
+
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+    except OSError:
+        return {}
+    out: dict[str, float] = {}
+    for line in text.decode().splitlines():
+        for key, metric in _HISTOGRAMS.items():
+            for suffix in ("_sum", "_count"):
+                if line.startswith(metric + suffix):
+                    value = float(line.rsplit(" ", 1)[1])
+                    out[key + suffix] = out.get(key + suffix, 0.0) + value
+    return out
+
+
+def split_of(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Mean seconds per image in each part, and the mean batch, over a window."""
+    out = {}
+    for key in _HISTOGRAMS:
+        count = after.get(key + "_count", 0) - before.get(key + "_count", 0)
+        total = after.get(key + "_sum", 0) - before.get(key + "_sum", 0)
+        if count > 0:
+            unit = 1 if key == "batch_size" else 1000
+            out[f"{key}_mean{'' if key == 'batch_size' else '_ms'}"] = round(
+                total / count * unit, 3
+            )
+    return out
+
+
+class Run:
+    def __init__(self, work: Path, out: Path, budget: float):
+        self.work, self.out = work, out
+        self.deadline = time.monotonic() + budget
+        self.logs = work / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+        self.results: dict[str, Any] = {"started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        self.gpu = GpuSampler(self.logs / "nvidia-smi.log")
+        self.photos = self._photos()
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def _photos(self) -> Path:
+        from bench.workload import photo_folder
+
+        return photo_folder(self.work / "photos")
+
+    def save(self) -> None:
+        (self.out / "results.json").write_text(json.dumps(self.results, indent=1, default=str))
+
+    def stage(self, name: str, needs: float, work: Callable[[], Any]) -> None:
+        if self.left() < needs:
+            self.results[name] = {"skipped": f"{self.left():.0f} s left, needs {needs:.0f}"}
+            log(f"{name}: skipped ({self.left():.0f} s left)")
+            self.save()
+            return
+        log(f"{name}: start ({self.left():.0f} s left)")
+        started = time.monotonic()
+        try:
+            self.results[name] = work()
+        except Exception as exc:
+            self.results[name] = {"error": f"{type(exc).__name__}: {exc}"}
+            (self.logs / f"{name}-error.log").write_text(traceback.format_exc())
+            log(f"{name}: FAILED: {exc}")
+        if isinstance(self.results[name], dict):
+            self.results[name]["stage_seconds"] = round(time.monotonic() - started, 1)
+        log(f"{name}: done in {time.monotonic() - started:.0f} s")
+        self.save()
+
+    # --- 1. env ---------------------------------------------------------------------
+
+    def env(self) -> dict[str, Any]:
+        import onnxruntime as ort
+
+        info: dict[str, Any] = {
+            "python": platform.python_version(),
+            "onnxruntime": ort.__version__,
+            "providers": ort.get_available_providers(),
+            "cores": os.cpu_count(),
+            "ld_library_path": os.environ.get("LD_LIBRARY_PATH", ""),
+        }
+        query = "name,driver_version,memory.total,clocks.max.sm,power.limit,compute_cap"
+        smi = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+        )
+        info["gpu"] = smi.stdout.strip() or smi.stderr.strip()
+        for package in ("numpy", "grpc", "google.protobuf", "PIL", "torch", "onnx"):
+            try:
+                module = __import__(package, fromlist=["__version__"])
+                info[package] = getattr(module, "__version__", "?")
+            except Exception as exc:
+                info[package] = f"missing: {exc}"
+        # A CUDA session against the CPU on the demo model.
+        from service.runner import Runner
+        from service.runner_options import RunnerOptions
+
+        model = self.work / "models" / "demo" / "1" / "model.onnx"
+        if model.is_file():
+            cpu = Runner(model, RunnerOptions(providers=["CPUExecutionProvider"]))
+            gpu = Runner(model, RunnerOptions(providers=CUDA_PROVIDERS.split(",")))
+            shape = (16, cpu.spec.input.height, cpu.spec.input.width, 3)
+            batch = np.random.default_rng(0).integers(0, 256, shape, np.uint8)
+            want, got = cpu.run(batch), gpu.run(batch)
+            info["cuda_session"] = {
+                "providers": gpu.active_providers,
+                "max_abs_diff": {k: float(np.abs(want[k] - got[k]).max()) for k in want},
+            }
+            try:
+                from service.gpu_decode import device_preprocessor_for
+                from service.preprocess import ImageLimits
+
+                started = time.monotonic()
+                device = device_preprocessor_for(gpu, "gpu", ImageLimits())
+                info["gpu_decode"] = {
+                    "ok": device is not None,
+                    "start_seconds": round(time.monotonic() - started, 2),
+                }
+            except Exception as exc:
+                info["gpu_decode"] = {"error": str(exc)}
+        return info
+
+    # --- 2. tests -------------------------------------------------------------------
+
+    def gpu_tests(self) -> dict[str, Any]:
+        junit = self.logs / "gpu-tests.xml"
+        result = sh(
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "-m",
+                "gpu",
+                "-p",
+                "no:cacheprovider",
+                "-o",
+                "addopts=",
+                "-rA",
+                "--durations=10",
+                f"--junitxml={junit}",
+                "tests/integration/service/test_gpu.py",
+                "tests/integration/service/test_gpu_decode.py",
+            ],
+            min(240.0, self.left() - 200),
+            self.logs / "gpu-tests.log",
+        )
+        summary = [line for line in result["tail"] if re.search(r"passed|failed|error", line)]
+        return {"rc": result["rc"], "seconds": result["seconds"], "summary": summary[-3:]}
+
+    # --- 3. limit -------------------------------------------------------------------
+
+    def limit(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name in ("resnet50", "resnet50-fp16"):
+            model = self.work / "models" / name / "1" / "model.onnx"
+            if not model.is_file():
+                out[name] = {"error": "not exported (see prepare)"}
+                continue
+            target = self.logs / f"limit-{name}.json"
+            result = sh(
+                [
+                    sys.executable,
+                    "-m",
+                    "bench.device.run",
+                    "limit",
+                    "--model",
+                    str(model),
+                    "--images",
+                    str(self.photos),
+                    "--json",
+                    str(target),
+                ],
+                min(150.0, self.left() - 150),
+                self.logs / f"limit-{name}.log",
+            )
+            out[name] = json.loads(target.read_text()) if target.is_file() else result
+        return out
+
+    # --- 4. server ------------------------------------------------------------------
+
+    def load(
+        self,
+        server: Any,
+        *,
+        protocol: str,
+        payload: str,
+        model: str,
+        concurrency: int,
+        per_request: int,
+        processes: int,
+        seconds: float = 6.0,
+        warmup: float = 2.0,
+        channels: int = 4,
+    ) -> dict[str, Any]:
+        """Closed-loop load from ``processes`` client processes, merged."""
+        from bench.processes import tree_cpu_seconds
+
+        tag = f"{protocol}-{payload}-{model}-c{concurrency}-n{per_request}-{time.monotonic():.0f}"
+        procs = []
+        for k in range(processes):
+            command = [
+                sys.executable,
+                "-m",
+                "bench",
+                "load",
+                "--target",
+                server.target,
+                "--model",
+                model,
+                "--protocol",
+                protocol,
+                "-c",
+                str(max(1, concurrency // processes)),
+                "--images-per-request",
+                str(per_request),
+                "--seconds",
+                str(seconds),
+                "--warmup",
+                str(warmup),
+                "--channels",
+                str(channels),
+                "--images",
+                str(self.photos),
+                "--json",
+                str(self.logs / f"load-{tag}-{k}.json"),
+                "--latencies",
+                str(self.logs / f"load-{tag}-{k}.lat"),
+            ]
+            if protocol == "oip":
+                command += ["--payload", payload]
+            procs.append(
+                subprocess.Popen(
+                    command,
+                    cwd=ROOT,
+                    stdout=subprocess.DEVNULL,
+                    stderr=open(self.logs / f"load-{tag}-{k}.log", "w"),  # noqa: SIM115
+                )
+            )
+        started = time.monotonic()
+        time.sleep(warmup + 1.0)  # the clients start, connect and warm up
+        window_start = time.monotonic()
+        cpu0, metrics0 = tree_cpu_seconds(server.pid), scrape(server.metrics_port)
+        time.sleep(max(0.5, seconds - 1.5))
+        window_end = time.monotonic()
+        cpu1, metrics1 = tree_cpu_seconds(server.pid), scrape(server.metrics_port)
+        for proc in procs:
+            try:
+                proc.wait(timeout=seconds + warmup + 60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        images_per_s, latencies, errors = 0.0, [], 0
+        for k in range(processes):
+            result_file = self.logs / f"load-{tag}-{k}.json"
+            if not result_file.is_file():
+                errors += 1
+                continue
+            result = json.loads(result_file.read_text())
+            images_per_s += result["images_per_s"]
+            errors += sum(result["errors"].values())
+            lat = self.logs / f"load-{tag}-{k}.lat"
+            latencies += [float(v) for v in lat.read_text().split()] if lat.is_file() else []
+        served = images_per_s * (window_end - window_start)
+        return {
+            "protocol": protocol,
+            "payload": payload,
+            "concurrency": concurrency,
+            "images_per_request": per_request,
+            "client_processes": processes,
+            "images_per_s": round(images_per_s, 1),
+            "latency_ms": percentiles(latencies),
+            "errors": errors,
+            "server_cpu_ms_per_image": round((cpu1 - cpu0) * 1000 / served, 3) if served else None,
+            "server_split": split_of(metrics0, metrics1),
+            **(self.gpu.window(window_start, window_end) or {}),
+            "wall_seconds": round(time.monotonic() - started, 1),
+        }
+
+    def server(self) -> dict[str, Any]:
+        from bench.processes import ServerProcess
+
+        repository = self.work / "serve-gpu"
+        if not (self.work / "models" / "resnet50-fp16" / "1" / "model.onnx").is_file():
+            return {"error": "resnet50-fp16 was not exported (see prepare)"}
+        repository.mkdir(exist_ok=True)
+        link = repository / "resnet50-fp16"
+        if not link.exists():
+            link.symlink_to(self.work / "models" / "resnet50-fp16")
+        model = "resnet50-fp16"
+        out: dict[str, Any] = {"model": model, "flags": list(GPU_SERVER_FLAGS), "runs": []}
+
+        def serve(*flags: str) -> Any:
+            log_file = self.logs / f"server-{'_'.join(f.strip('-') for f in flags)}.log"
+            server = ServerProcess(repository, *GPU_SERVER_FLAGS, *flags)
+            server.wait_for_event("serving", timeout=180)
+            server.log_file = log_file  # type: ignore[attr-defined]
+            return server
+
+        def stop(server: Any) -> None:
+            try:
+                server.terminate(timeout=30)
+            except Exception:
+                server.kill()
+            server.log_file.write_text("\n".join(json.dumps(e) for e in server.events))
+
+        plan = [
+            (
+                "gpu decode, 1 worker",
+                ("--workers", "1", "--decode-device", "gpu"),
+                [
+                    ("oip", "tensor", 32, 16, 4),
+                    ("oip", "tensor", 64, 1, 4),
+                    ("classifier", "jpeg", 32, 16, 4),
+                    ("classifier", "jpeg", 4, 16, 2),
+                    ("classifier", "jpeg", 128, 16, 4),
+                    ("classifier", "jpeg", 64, 1, 4),
+                ],
+            ),
+            (
+                "cpu decode, 1 worker",
+                ("--workers", "1", "--decode-device", "cpu"),
+                [
+                    ("classifier", "jpeg", 32, 16, 4),
+                ],
+            ),
+            (
+                "gpu decode, 2 workers",
+                ("--workers", "2", "--decode-device", "gpu"),
+                [
+                    ("oip", "tensor", 32, 16, 4),
+                    ("classifier", "jpeg", 32, 16, 4),
+                ],
+            ),
+        ]
+        for label, flags, loads in plan:
+            if self.left() < 60:
+                out["runs"].append({"config": label, "skipped": "out of time"})
+                continue
+            server = serve(*flags)
+            try:
+                for i, (protocol, payload, c, n, procs) in enumerate(loads):
+                    if self.left() < 40:
+                        break
+                    profile = label.startswith("gpu decode, 1") and i == 2
+                    spy = self._profile(server.pid) if profile else None
+                    result = self.load(
+                        server,
+                        protocol=protocol,
+                        payload=payload,
+                        model=model,
+                        concurrency=c,
+                        per_request=n,
+                        processes=procs,
+                    )
+                    if spy is not None:
+                        result["profile"] = self._profile_done(spy)
+                    result["config"] = label
+                    log(f"  {label}: {json.dumps(result)}")
+                    out["runs"].append(result)
+                    self.results["server"] = out
+                    self.save()
+            finally:
+                stop(server)
+        return out
+
+    def _profile(self, pid: int) -> subprocess.Popen[bytes] | None:
+        if shutil.which("py-spy") is None and not (self.work / "site" / "bin" / "py-spy").exists():
+            return None
+        spy = shutil.which("py-spy") or str(self.work / "site" / "bin" / "py-spy")
+        return subprocess.Popen(
+            [
+                spy,
+                "record",
+                "--pid",
+                str(pid),
+                "--subprocesses",
+                "--duration",
+                "5",
+                "--rate",
+                "50",
+                "--format",
+                "flamegraph",
+                "--output",
+                str(self.out / "profile.svg"),
+            ],
+            stdout=open(self.logs / "py-spy.log", "w"),
+            stderr=subprocess.STDOUT,
+        )
+
+    def _profile_done(self, spy: subprocess.Popen[bytes]) -> str:
+        try:
+            spy.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            spy.kill()
+        return "profile.svg" if (self.out / "profile.svg").is_file() else "py-spy failed"
+
+    # --- 5. cpu workers -------------------------------------------------------------
+
+    def cpu_workers(self) -> dict[str, Any]:
+        from bench.processes import ServerProcess
+
+        repository = self.work / "serve-cpu"
+        repository.mkdir(exist_ok=True)
+        link = repository / "demo"
+        if not link.exists():
+            link.symlink_to(self.work / "models" / "demo")
+        out: dict[str, Any] = {"runs": []}
+        for workers in (1, 2, 4, 8):
+            if self.left() < 20:
+                out["runs"].append({"workers": workers, "skipped": "out of time"})
+                continue
+            server = ServerProcess(
+                repository,
+                "--providers",
+                "CPUExecutionProvider",
+                "--decode-device",
+                "cpu",
+                "--no-access-log",
+                "--workers",
+                str(workers),
+            )
+            try:
+                server.wait_for_event("serving", timeout=120)
+                result = self.load(
+                    server,
+                    protocol="classifier",
+                    payload="jpeg",
+                    model="demo",
+                    concurrency=32,
+                    per_request=1,
+                    processes=2,
+                    channels=8,
+                    seconds=6.0,
+                )
+            finally:
+                server.terminate(timeout=30)
+            result["workers"] = workers
+            log(f"  cpu workers {workers}: {json.dumps(result)}")
+            out["runs"].append(result)
+        base = next((r["images_per_s"] for r in out["runs"] if r.get("workers") == 1), None)
+        for r in out["runs"]:
+            if base and "images_per_s" in r:
+                r["ratio_to_1_worker"] = round(r["images_per_s"] / base, 2)
+        return out
+
+    # --- outputs --------------------------------------------------------------------
+
+    def finish(self) -> None:
+        self.gpu.stop()
+        self.results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        self.save()
+        (self.out / "report.md").write_text(report_markdown(self.results))
+        with tarfile.open(self.out / "logs.tar.gz", "w:gz") as tar:
+            for path in sorted(self.logs.glob("*")):
+                if path.suffix != ".lat" and path.stat().st_size < 4 << 20:
+                    tar.add(path, arcname=path.name)
+            prepare_log = self.work / "prepare.log"
+            if prepare_log.is_file():
+                tar.add(prepare_log, arcname="prepare.log")
+
+
+def report_markdown(results: dict[str, Any]) -> str:
+    lines = [f"# Device run {results.get('started')}", ""]
+    env = results.get("env", {})
+    lines.append(
+        f"GPU: {env.get('gpu')}; ONNX Runtime {env.get('onnxruntime')}; cores {env.get('cores')}"
+    )
+    lines.append("")
+    tests = results.get("gpu_tests", {})
+    lines.append(f"GPU tests: rc {tests.get('rc')} {tests.get('summary')}")
+    lines.append("")
+    limit = results.get("limit", {})
+    for name, value in limit.items() if isinstance(limit, dict) else []:
+        if isinstance(value, dict) and "tensor" in value:
+            lines.append(f"## limit {name}")
+            lines.append(f"- UINT8 batches (img/s by batch): {value['tensor']}")
+            lines.append(f"- UINT8 on the device already: {value.get('device_resident')}")
+            for decode in ("jpeg_cpu", "jpeg_gpu"):
+                if decode in value:
+                    lines.append(f"- {decode}: {value[decode]}")
+            lines.append("")
+    server = results.get("server", {})
+    if isinstance(server, dict) and server.get("runs"):
+        lines.append("## server (ResNet-50 FP16, CUDA)")
+        lines.append(
+            "| config | protocol | payload | c | img/req | img/s | p50 ms | p99 ms | GPU % | server CPU ms/img | split |"
+        )
+        lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+        for r in server["runs"]:
+            if "images_per_s" not in r:
+                continue
+            lat = r.get("latency_ms", {})
+            lines.append(
+                f"| {r['config']} | {r['protocol']} | {r['payload']} | {r['concurrency']} | "
+                f"{r['images_per_request']} | {r['images_per_s']} | {lat.get('p50')} | "
+                f"{lat.get('p99')} | {r.get('gpu_util_mean')} | {r.get('server_cpu_ms_per_image')} | "
+                f"{r.get('server_split')} |"
+            )
+        lines.append("")
+    cpu = results.get("cpu_workers", {})
+    if isinstance(cpu, dict) and cpu.get("runs"):
+        lines.append("## CPU workers (demo model, JPEG, classifier.v1)")
+        lines.append("| workers | img/s | ratio | p50 ms | p99 ms | server CPU ms/img |")
+        lines.append("|---|---|---|---|---|---|")
+        for r in cpu["runs"]:
+            if "images_per_s" in r:
+                lat = r.get("latency_ms", {})
+                lines.append(
+                    f"| {r['workers']} | {r['images_per_s']} | {r.get('ratio_to_1_worker')} | "
+                    f"{lat.get('p50')} | {lat.get('p99')} | {r.get('server_cpu_ms_per_image')} |"
+                )
+    return "\n".join(lines) + "\n"
+
+
+# --- the limit, in its own process ---------------------------------------------------
+
+
+def limit_main(model: Path, images: Path, out: Path) -> int:
+    """ResNet-50 on CUDA in-process: UINT8 batches (with the host copies, and already on
+    the device), then JPEGs decoded on the CPU and on the GPU through ``bench.limit``."""
+    import onnxruntime as ort
+
+    from bench.limit import measure_limit
+    from bench.workload import load_folder
+    from service.config import load_settings
+    from service.runner import Runner
+
+    base = {
+        "providers": CUDA_PROVIDERS.split(","),
+        "max_batch_size": 256,
+        "cudnn_conv_algo_search": "HEURISTIC",
+    }
+    settings = load_settings(**base, decode_device="cpu")
+    runner = Runner(model, settings.runner_options())
+    spec = runner.spec
+    sizes = (1, 8, 32, 64, 128, 256)
+    runner.warmup(sizes)
+    rng = np.random.default_rng(0)
+    result: dict[str, Any] = {
+        "providers": runner.active_providers,
+        "tensor": {},
+        "device_resident": {},
+    }
+    for n in sizes:
+        batch = rng.integers(0, 256, (n, spec.input.height, spec.input.width, 3), np.uint8)
+        result["tensor"][n] = _rate(lambda b=batch: runner.run(b), n)
+        value = ort.OrtValue.ortvalue_from_numpy(batch, "cuda", 0)
+        with runner._session() as session:  # the same session, the batch already on the GPU
+            result["device_resident"][n] = _rate(
+                lambda v=value, s=session: runner._run_bound_value(s, v), n
+            )
+        out.write_text(json.dumps(result, indent=1))
+    photos = load_folder(images)
+    for decode in ("cpu", "gpu"):
+        try:
+            limit = measure_limit(
+                model,
+                photos,
+                batch_sizes=(32, 128),
+                seconds=4.0,
+                latency_samples=50,
+                settings=load_settings(**base, decode_device=decode),
+            )
+            result[f"jpeg_{decode}"] = limit.as_dict()
+        except Exception as exc:
+            result[f"jpeg_{decode}"] = {"error": f"{type(exc).__name__}: {exc}"}
+        out.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+def _rate(work: Callable[[], Any], images: int, seconds: float = 1.5) -> dict[str, float]:
+    work()
+    times = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end or len(times) < 3:
+        started = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - started)
+    median = float(np.median(times))
+    return {"images_per_s": round(images / median, 1), "ms_per_batch": round(median * 1000, 3)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.device.run", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare")
+    p.add_argument("--work", type=Path, required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--work", type=Path, required=True)
+    r.add_argument("--out", type=Path, required=True)
+    r.add_argument("--budget", type=float, default=420.0, help="seconds for the whole run")
+    r.add_argument("--stages", default="env,gpu_tests,limit,server,cpu_workers")
+    lim = sub.add_parser("limit")
+    lim.add_argument("--model", type=Path, required=True)
+    lim.add_argument("--images", type=Path, required=True)
+    lim.add_argument("--json", type=Path, required=True)
+    args = parser.parse_args(argv)
+    if args.command == "prepare":
+        return prepare(args.work)
+    if args.command == "limit":
+        return limit_main(args.model, args.images, args.json)
+    run = Run(args.work, args.out, args.budget)
+    waited = time.monotonic()
+    while not (args.work / "prepare.json").is_file() and run.left() > 60:
+        if not (args.work / "prepare.started").is_file():
+            break  # nothing is preparing: the stages say what is missing
+        time.sleep(2)
+    run.results["waited_for_prepare_s"] = round(time.monotonic() - waited, 1)
+    prepared = args.work / "prepare.json"
+    run.results["prepare"] = json.loads(prepared.read_text()) if prepared.is_file() else None
+    stages = {
+        "env": (20, run.env),
+        "gpu_tests": (120, run.gpu_tests),
+        "limit": (100, run.limit),
+        "server": (90, run.server),
+        "cpu_workers": (40, run.cpu_workers),
+    }
+    try:
+        for name in args.stages.split(","):
+            needs, work = stages[name]
+            run.stage(name, needs, work)
+    finally:
+        run.finish()
+    print(report_markdown(run.results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
