@@ -28,6 +28,15 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(settings.log_level, settings.log_format)
     try:
         if settings.worker_count() > 1:
+            # Files every worker would fail on stop the server here, once, with a message
+            # (rather than crash-looping the workers).
+            if settings.tls_cert is not None and settings.tls_key is not None:
+                from service.tls import check_server_files
+
+                try:
+                    check_server_files(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+                except ValueError as exc:
+                    raise OSError(str(exc)) from None
             # Before anything of gRPC or Prometheus exists in this process: it forks.
             from service.workers import supervise
 

@@ -27,16 +27,20 @@ from pydantic_settings import (
 from service.cores import cpu_count
 from service.model_flags import NONE_WORDS, add_model_flags, collect_flag_values
 from service.preprocess import ImageLimits
-from service.runner_options import DEFAULT_PROVIDERS, RunnerOptions
+from service.runner_options import DEFAULT_PROVIDERS, GPU_PROVIDERS, RunnerOptions
 
 ENV_PREFIX = "CLASSIFIER_"
 _yaml_file: ContextVar[Path | None] = ContextVar("_yaml_file", default=None)
 
 
 def _gpu_available() -> bool:
+    """A GPU execution provider in this onnxruntime build and a GPU it may use. Other
+    providers do not count: the CPU wheel from PyPI lists AzureExecutionProvider."""
+    from service.cuda import gpu_present
     from service.runner import available_providers
+    from service.runner_options import GPU_PROVIDERS
 
-    return any(p != "CPUExecutionProvider" for p in available_providers())
+    return bool(GPU_PROVIDERS & set(available_providers())) and gpu_present()
 
 
 class ConfigError(ValueError):
@@ -368,8 +372,7 @@ class Settings(BaseSettings):
         GPU far faster than it decodes JPEGs on these few cores (unmeasured here: no GPU)."""
         if self.workers:
             return self.workers
-        gpu = self.providers[0] in ("TensorrtExecutionProvider", "CUDAExecutionProvider")
-        if gpu and _gpu_available():
+        if self.providers[0] in GPU_PROVIDERS and _gpu_available():
             return 1
         return cpu_count()
 

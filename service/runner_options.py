@@ -12,8 +12,10 @@ TENSORRT = "TensorrtExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 DEFAULT_PROVIDERS = (TENSORRT, CUDA, CPU)
+# The providers that run on a GPU (what "a GPU" means for the worker count and warm-up).
+GPU_PROVIDERS = frozenset({TENSORRT, CUDA})
 
-__all__ = ["CPU", "CUDA", "DEFAULT_PROVIDERS", "TENSORRT", "RunnerOptions"]
+__all__ = ["CPU", "CUDA", "DEFAULT_PROVIDERS", "GPU_PROVIDERS", "TENSORRT", "RunnerOptions"]
 
 
 @dataclass(frozen=True)

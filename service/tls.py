@@ -34,6 +34,19 @@ def _state(paths: list[Path]) -> FileState:
     return tuple(out)
 
 
+def check_server_files(cert: Path, key: Path, client_ca: Path | None = None) -> None:
+    """Raise ValueError, naming the files, unless they make a usable server certificate
+    (and client CA). Plain ``ssl``: the supervisor checks before it forks its workers."""
+    paths = [cert, key] + ([client_ca] if client_ca else [])
+    try:
+        # Raises if the key does not belong to the certificate, or either is malformed.
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+        if client_ca is not None:
+            ssl.create_default_context(cadata=Path(client_ca).read_text("ascii", "replace"))
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        raise ValueError(f"cannot use the TLS files {[str(p) for p in paths]}: {exc}") from None
+
+
 class ServerCertificates:
     """The server's certificate chain and key, and for mTLS the client CA bundle."""
 

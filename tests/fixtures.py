@@ -37,6 +37,7 @@ def shared_root(factory: pytest.TempPathFactory) -> Path:
 def cached(name: str, build: Callable[[Path], None], root: Path) -> Path:
     """``root/name``, built by ``build(folder)`` once, under a lock, and reused after."""
     target = root / name
+    root.mkdir(parents=True, exist_ok=True)
     with open(root / f".{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         if not (target / _DONE).is_file():

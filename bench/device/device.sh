@@ -3,7 +3,7 @@
 #
 #   bash bench/device/device.sh receive .gpu-bundle/part-1   # each part, in the manifest's order
 #   bash bench/device/device.sh prepare                      # in the background: data, models
-#   bash bench/device/device.sh run OUT [SECONDS]            # everything measured, into OUT
+#   bash bench/device/device.sh run OUT [SECONDS [STAGES]]   # everything measured, into OUT
 #
 # `receive` installs each archive as soon as all its chunks are there (the base archive
 # after part 1), and the first one also starts `prepare`, so exports and the test model
@@ -42,11 +42,19 @@ receive)
 prepare)
     "$PY" -m bench.device.run prepare --work "$WORK"
     ;;
+probe)
+    # What the GPU libraries resolve to: onnxruntime-gpu links cuBLAS(Lt) 13, cuRAND 10,
+    # the CUDA 13 runtime and the driver, and loads cuDNN 9 and cuFFT 12 when it needs them.
+    nvidia-smi -L
+    "$PY" --version
+    "$PY" -m bench.device.receive --probe
+    ;;
 run)
-    "$PY" -m bench.device.run run --work "$WORK" --out "$2" --budget "${3:-420}"
+    "$PY" -m bench.device.run run --work "$WORK" --out "$2" --budget "${3:-480}" \
+        --stages "${4:-env,gpu_tests,limit,server,cpu_workers}"
     ;;
 *)
-    echo "usage: $0 receive PART | prepare | run OUT [SECONDS]" >&2
+    echo "usage: $0 receive PART | prepare | probe | run OUT [SECONDS [STAGES]]" >&2
     exit 2
     ;;
 esac

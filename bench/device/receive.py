@@ -117,12 +117,60 @@ def install(archive: Path, name: str, work: Path, python: str) -> None:
     print(f"installed {name}: {len(wheels)} wheels", flush=True)
 
 
+# onnxruntime-gpu 1.31 links these (and loads cuDNN and cuFFT when needed); nvImageCodec
+# loads nvJPEG.
+GPU_LIBRARIES = (
+    "libcuda.so.1",
+    "libcudart.so.13",
+    "libcublas.so.13",
+    "libcublasLt.so.13",
+    "libcurand.so.10",
+    "libcufft.so.12",
+    "libcudnn.so.9",
+    "libnvjpeg.so.13",
+)
+PROBED_PACKAGES = (
+    "torch",
+    "numpy",
+    "pillow",
+    "onnx",
+    "grpcio",
+    "protobuf",
+    "onnxruntime",
+    "onnxruntime-gpu",
+)
+
+
+def probe() -> None:
+    """Which GPU libraries load here, and the machine's versions of what we rely on."""
+    import ctypes
+    import importlib.metadata as metadata
+
+    for name in GPU_LIBRARIES:
+        try:
+            ctypes.CDLL(name)
+            print(f"{name}: loads")
+        except OSError as exc:
+            print(f"{name}: MISSING ({exc})")
+    for dist in PROBED_PACKAGES:
+        try:
+            print(f"{dist} {metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            print(f"{dist}: not installed")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python3 -m bench.device.receive")
-    parser.add_argument("part", type=Path, help="a part folder as carried (.gpu-bundle/part-N)")
+    parser.add_argument(
+        "part", type=Path, nargs="?", help="a part folder as carried (.gpu-bundle/part-N)"
+    )
     parser.add_argument("--work", type=Path, default=Path("/tmp/imgclf-device"))
     parser.add_argument("--python", default=sys.executable)
+    parser.add_argument("--probe", action="store_true", help="only report the GPU libraries")
     args = parser.parse_args(argv)
+    if args.probe or args.part is None:
+        probe()
+        return 0
     started = time.monotonic()
     manifest = take_part(args.part, args.work)
     for name in complete_archives(manifest, args.work):

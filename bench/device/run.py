@@ -305,6 +305,24 @@ class Run:
         log(f"{name}: done in {time.monotonic() - started:.0f} s")
         self.save()
 
+    def wait_for_prepare(self) -> None:
+        """Until ``prepare`` has written its summary (the GPU tests ran meanwhile)."""
+        started = time.monotonic()
+        done = self.work / "prepare.json"
+        while not done.is_file() and self.left() > 120:
+            if not (self.work / "prepare.started").is_file():
+                break  # nothing is preparing: the stages say what is missing
+            time.sleep(2)
+        self.results["waited_for_prepare_s"] = round(time.monotonic() - started, 1)
+        self.results["prepare"] = json.loads(done.read_text()) if done.is_file() else None
+        self.save()
+
+    def _wait_for_file(self, path: Path, seconds: float) -> bool:
+        end = time.monotonic() + seconds
+        while not path.is_file() and time.monotonic() < end:
+            time.sleep(1)
+        return path.is_file()
+
     # --- 1. env ---------------------------------------------------------------------
 
     def env(self) -> dict[str, Any]:
@@ -318,12 +336,15 @@ class Run:
             "ld_library_path": os.environ.get("LD_LIBRARY_PATH", ""),
         }
         query = "name,driver_version,memory.total,clocks.max.sm,power.limit,compute_cap"
-        smi = subprocess.run(
-            ["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-        )
-        info["gpu"] = smi.stdout.strip() or smi.stderr.strip()
+        try:
+            smi = subprocess.run(
+                ["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+            )
+            info["gpu"] = smi.stdout.strip() or smi.stderr.strip()
+        except OSError as exc:
+            info["gpu"] = f"no nvidia-smi: {exc}"
         for package in ("numpy", "grpc", "google.protobuf", "PIL", "torch", "onnx"):
             try:
                 module = __import__(package, fromlist=["__version__"])
@@ -335,7 +356,7 @@ class Run:
         from service.runner_options import RunnerOptions
 
         model = self.work / "models" / "demo" / "1" / "model.onnx"
-        if model.is_file():
+        if self._wait_for_file(model, min(90.0, self.left() - 300)):
             cpu = Runner(model, RunnerOptions(providers=["CPUExecutionProvider"]))
             gpu = Runner(model, RunnerOptions(providers=CUDA_PROVIDERS.split(",")))
             shape = (16, cpu.spec.input.height, cpu.spec.input.width, 3)
@@ -380,7 +401,7 @@ class Run:
                 "tests/integration/service/test_gpu.py",
                 "tests/integration/service/test_gpu_decode.py",
             ],
-            min(240.0, self.left() - 200),
+            min(150.0, self.left() - 250),
             self.logs / "gpu-tests.log",
         )
         summary = [line for line in result["tail"] if re.search(r"passed|failed|error", line)]
@@ -427,7 +448,7 @@ class Run:
         concurrency: int,
         per_request: int,
         processes: int,
-        seconds: float = 6.0,
+        seconds: float = 5.0,
         warmup: float = 2.0,
         channels: int = 4,
     ) -> dict[str, Any]:
@@ -526,12 +547,19 @@ class Run:
             link.symlink_to(self.work / "models" / "resnet50-fp16")
         model = "resnet50-fp16"
         out: dict[str, Any] = {"model": model, "flags": list(GPU_SERVER_FLAGS), "runs": []}
+        gpu_decode = bool(self.results.get("env", {}).get("gpu_decode", {}).get("ok"))
+        decode = "gpu" if gpu_decode else "auto"  # auto: the server says what it could do
+        out["gpu_decode"] = gpu_decode
 
         def serve(*flags: str) -> Any:
             log_file = self.logs / f"server-{'_'.join(f.strip('-') for f in flags)}.log"
             server = ServerProcess(repository, *GPU_SERVER_FLAGS, *flags)
-            server.wait_for_event("serving", timeout=180)
             server.log_file = log_file  # type: ignore[attr-defined]
+            try:
+                wait_serving(server, timeout=180)
+            except Exception:
+                stop(server)
+                raise
             return server
 
         def stop(server: Any) -> None:
@@ -544,7 +572,7 @@ class Run:
         plan = [
             (
                 "gpu decode, 1 worker",
-                ("--workers", "1", "--decode-device", "gpu"),
+                ("--workers", "1", "--decode-device", decode),
                 [
                     ("oip", "tensor", 32, 16, 4),
                     ("oip", "tensor", 64, 1, 4),
@@ -563,7 +591,7 @@ class Run:
             ),
             (
                 "gpu decode, 2 workers",
-                ("--workers", "2", "--decode-device", "gpu"),
+                ("--workers", "2", "--decode-device", decode),
                 [
                     ("oip", "tensor", 32, 16, 4),
                     ("classifier", "jpeg", 32, 16, 4),
@@ -658,7 +686,7 @@ class Run:
                 str(workers),
             )
             try:
-                server.wait_for_event("serving", timeout=120)
+                wait_serving(server, timeout=120)
                 result = self.load(
                     server,
                     protocol="classifier",
@@ -668,7 +696,7 @@ class Run:
                     per_request=1,
                     processes=2,
                     channels=8,
-                    seconds=6.0,
+                    seconds=5.0,
                 )
             finally:
                 server.terminate(timeout=30)
@@ -697,6 +725,20 @@ class Run:
                 tar.add(prepare_log, arcname="prepare.log")
 
 
+def wait_serving(server: Any, timeout: float) -> None:
+    """Until the server says it serves; at once when a model failed to load."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        messages = server.messages()
+        if "serving" in messages:
+            return
+        failed = [m for m in messages if "failed to load" in m]
+        if failed or server.process.poll() is not None:
+            raise RuntimeError(f"the server did not start: {failed or messages[-3:]}")
+        time.sleep(0.5)
+    raise TimeoutError(f"the server was not serving after {timeout:.0f} s")
+
+
 def report_markdown(results: dict[str, Any]) -> str:
     lines = [f"# Device run {results.get('started')}", ""]
     env = results.get("env", {})
@@ -721,7 +763,8 @@ def report_markdown(results: dict[str, Any]) -> str:
     if isinstance(server, dict) and server.get("runs"):
         lines.append("## server (ResNet-50 FP16, CUDA)")
         lines.append(
-            "| config | protocol | payload | c | img/req | img/s | p50 ms | p99 ms | GPU % | server CPU ms/img | split |"
+            "| config | protocol | payload | c | img/req | img/s | p50 ms | p99 ms | GPU % "
+            "| server CPU ms/img | split |"
         )
         lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
         for r in server["runs"]:
@@ -731,8 +774,8 @@ def report_markdown(results: dict[str, Any]) -> str:
             lines.append(
                 f"| {r['config']} | {r['protocol']} | {r['payload']} | {r['concurrency']} | "
                 f"{r['images_per_request']} | {r['images_per_s']} | {lat.get('p50')} | "
-                f"{lat.get('p99')} | {r.get('gpu_util_mean')} | {r.get('server_cpu_ms_per_image')} | "
-                f"{r.get('server_split')} |"
+                f"{lat.get('p99')} | {r.get('gpu_util_mean')} | "
+                f"{r.get('server_cpu_ms_per_image')} | {r.get('server_split')} |"
             )
         lines.append("")
     cpu = results.get("cpu_workers", {})
@@ -782,11 +825,12 @@ def limit_main(model: Path, images: Path, out: Path) -> int:
     for n in sizes:
         batch = rng.integers(0, 256, (n, spec.input.height, spec.input.width, 3), np.uint8)
         result["tensor"][n] = _rate(lambda b=batch: runner.run(b), n)
-        value = ort.OrtValue.ortvalue_from_numpy(batch, "cuda", 0)
-        with runner._session() as session:  # the same session, the batch already on the GPU
-            result["device_resident"][n] = _rate(
-                lambda v=value, s=session: runner._run_bound_value(s, v), n
-            )
+        if runner.on_gpu:
+            value = ort.OrtValue.ortvalue_from_numpy(batch, "cuda", 0)
+            with runner._session() as session:  # the same session, the batch on the GPU
+                result["device_resident"][n] = _rate(
+                    lambda v=value, s=session: runner._run_bound_value(s, v), n
+                )
         out.write_text(json.dumps(result, indent=1))
     photos = load_folder(images)
     for decode in ("cpu", "gpu"):
@@ -795,8 +839,8 @@ def limit_main(model: Path, images: Path, out: Path) -> int:
                 model,
                 photos,
                 batch_sizes=(32, 128),
-                seconds=4.0,
-                latency_samples=50,
+                seconds=3.0,
+                latency_samples=30,
                 settings=load_settings(**base, decode_device=decode),
             )
             result[f"jpeg_{decode}"] = limit.as_dict()
@@ -806,7 +850,7 @@ def limit_main(model: Path, images: Path, out: Path) -> int:
     return 0
 
 
-def _rate(work: Callable[[], Any], images: int, seconds: float = 1.5) -> dict[str, float]:
+def _rate(work: Callable[[], Any], images: int, seconds: float = 1.0) -> dict[str, float]:
     work()
     times = []
     end = time.perf_counter() + seconds
@@ -826,7 +870,7 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("run")
     r.add_argument("--work", type=Path, required=True)
     r.add_argument("--out", type=Path, required=True)
-    r.add_argument("--budget", type=float, default=420.0, help="seconds for the whole run")
+    r.add_argument("--budget", type=float, default=480.0, help="seconds for the whole run")
     r.add_argument("--stages", default="env,gpu_tests,limit,server,cpu_workers")
     lim = sub.add_parser("limit")
     lim.add_argument("--model", type=Path, required=True)
@@ -838,14 +882,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "limit":
         return limit_main(args.model, args.images, args.json)
     run = Run(args.work, args.out, args.budget)
-    waited = time.monotonic()
-    while not (args.work / "prepare.json").is_file() and run.left() > 60:
-        if not (args.work / "prepare.started").is_file():
-            break  # nothing is preparing: the stages say what is missing
-        time.sleep(2)
-    run.results["waited_for_prepare_s"] = round(time.monotonic() - waited, 1)
-    prepared = args.work / "prepare.json"
-    run.results["prepare"] = json.loads(prepared.read_text()) if prepared.is_file() else None
     stages = {
         "env": (20, run.env),
         "gpu_tests": (120, run.gpu_tests),
@@ -855,6 +891,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         for name in args.stages.split(","):
+            if name == "limit":  # the first stage that needs every model: prepare is done
+                run.wait_for_prepare()
             needs, work = stages[name]
             run.stage(name, needs, work)
     finally:

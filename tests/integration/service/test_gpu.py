@@ -14,6 +14,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from service.cuda import gpu_present
 from service.runner import Runner
 from service.runner_options import CPU, CUDA, TENSORRT, RunnerOptions
 
@@ -24,6 +25,7 @@ pytestmark = [
         CUDA not in ort.get_available_providers(),
         reason="needs onnxruntime-gpu (this onnxruntime has no CUDA provider)",
     ),
+    pytest.mark.skipif(not gpu_present(), reason="no NVIDIA GPU on this machine"),
 ]
 
 # FP32 on the GPU differs from the CPU in summation order (and TF32 convolutions on

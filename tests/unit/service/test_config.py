@@ -168,3 +168,17 @@ def test_cpu_count_honours_a_cgroup_quota(tmp_path: Path) -> None:
     assert cpu_count(tmp_path) == cores
     (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("100000\n")
     assert cpu_count(tmp_path) == 1
+
+
+def test_auto_workers_is_one_per_core_with_the_installed_cpu_onnxruntime() -> None:
+    # The CPU wheel lists AzureExecutionProvider beside the CPU one: that is no GPU.
+    import onnxruntime as ort
+
+    from service.cores import cpu_count
+    from service.runner_options import GPU_PROVIDERS
+
+    if GPU_PROVIDERS & set(ort.get_available_providers()):
+        pytest.skip("this onnxruntime has a GPU provider")
+    assert load_settings().worker_count() == cpu_count()
+    assert load_settings(providers=["CPUExecutionProvider"]).worker_count() == cpu_count()
+    assert load_settings(workers=3).worker_count() == 3

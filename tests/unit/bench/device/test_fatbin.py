@@ -68,5 +68,5 @@ def test_files_without_fat_binaries_and_broken_ones() -> None:
     with pytest.raises(ValueError, match="not a 64-bit"):
         slim_fatbins(bytearray(b"MZ" + bytes(100)), 90)
     truncated = fatbin(entry(KIND_ELF, 90, b"\x5a" * 16))[:-8]
-    with pytest.raises(ValueError, match="runs past|malformed"):
+    with pytest.raises(ValueError, match=r"runs past|malformed"):
         slim_fatbins(bytearray(elf(truncated)), 90)
