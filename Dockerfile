@@ -75,15 +75,16 @@ RUN python3 -m venv /opt/venv \
     && useradd --system --uid 10001 --gid app --home-dir /app --create-home app \
     && mkdir -p /cache/tensorrt && chown app:app /cache/tensorrt
 WORKDIR /app
-COPY requirements/serve.lock /tmp/serve.lock
+COPY requirements/serve.lock requirements/gpu.txt /tmp/
 COPY --from=builder /wheels/ /wheels/
-# The serving lock with onnxruntime swapped for onnxruntime-gpu of the same version (same
-# Python API; requirements/constraints.txt keeps the two equal).
-RUN grep -v '^onnxruntime==' /tmp/serve.lock >/tmp/gpu.lock \
-    && pip install --no-cache-dir -r /tmp/gpu.lock "onnxruntime-gpu==1.31.1" \
+# The serving lock with onnxruntime swapped for requirements/gpu.txt: onnxruntime-gpu of the
+# same version (same Python API; requirements/constraints.txt keeps the two equal) and GPU
+# JPEG decoding (nvImageCodec, nvJPEG, onnx for the device resize graph).
+RUN grep -v '^onnxruntime==' /tmp/serve.lock >/tmp/cpu-less.lock \
+    && pip install --no-cache-dir -r /tmp/cpu-less.lock -r /tmp/gpu.txt \
     && pip install --no-cache-dir --no-deps /wheels/*.whl \
     && pip install --no-cache-dir --extra-index-url https://pypi.nvidia.com "tensorrt-cu13-libs==10.16.1.11" \
-    && rm -rf /wheels /tmp/serve.lock /tmp/gpu.lock
+    && rm -rf /wheels /tmp/serve.lock /tmp/gpu.txt /tmp/cpu-less.lock
 ENV LD_LIBRARY_PATH=/opt/venv/lib/python3.12/site-packages/tensorrt_libs
 USER 10001:10001
 EXPOSE 50051 8000 9090

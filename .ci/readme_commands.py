@@ -12,8 +12,10 @@ exits 0 within its time limit. The exceptions are listed in POLICIES with their 
 * background: a command ending in `&` starts a server; the next commands run once its
   `--port` accepts connections, and it is stopped at the end. The command right after it
   is retried for up to a minute, as a reader would retry while the server loads its model;
-* elsewhere: `make serve`/`make test` (CI runs them itself) and `docker` (no daemon here;
-  the image is built and run by `make image-test`).
+* elsewhere: `make serve`/`make test` (CI runs them itself), `docker` (no daemon here;
+  the image is built and run by `make image-test`) and the device run's
+  `bench/device/device.sh` (it runs on a CUDA machine with Python 3.12, against the parts
+  of `make gpu-bundle`; its logic is unit-tested in tests/unit/bench/device).
 
 A command the table does not name runs with the default policy, so a new README command
 is checked the day it is written. Files the commands create are removed before and after.
@@ -69,6 +71,9 @@ POLICIES: dict[str, Policy] = {
     "make test": Policy("elsewhere", why="CI runs it as its own step"),
     "docker build": Policy("elsewhere", why="no Docker daemon; make image-test builds it"),
     "docker compose": Policy("elsewhere", why="no Docker daemon; make image-test runs it"),
+    "bash bench/device/device.sh": Policy(
+        "elsewhere", why="runs on a CUDA 13 machine with Python 3.12 and the GPU bundle's parts"
+    ),
     "python -m training train --config training/configs/demo.yaml": Policy(
         "bounded", 20, "the full run takes minutes; make serve has just run it whole"
     ),

@@ -88,9 +88,9 @@ def measure_limit(
     for i in range(latency_samples):
         started = time.perf_counter()
         image = images[i % len(images)]
-        outcome = device.prepare([image], limits)[0] if device is not None else None
-        if isinstance(outcome, tuple):
-            out = runner.run_items([outcome[0]])
+        on_device = device.prepare([image], limits)[0] if device is not None else None
+        if isinstance(on_device, tuple):
+            out = runner.run_items([on_device[0]])
         else:
             array, _ = preprocess_encoded(image, spec, limits)
             out = runner.run(array[None])

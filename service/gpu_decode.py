@@ -65,9 +65,12 @@ class DecodedImage(Protocol):
     ``width`` × 3 at ``pointer`` (device memory, or host memory for the CPU stand-in).
     Whatever owns the memory stays alive as long as this object."""
 
-    pointer: int
-    height: int
-    width: int
+    @property
+    def pointer(self) -> int: ...
+    @property
+    def height(self) -> int: ...
+    @property
+    def width(self) -> int: ...
 
 
 class ImageDecoder(Protocol):

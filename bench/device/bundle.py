@@ -36,6 +36,7 @@ import zipfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from bench.device.fatbin import slim_fatbins
 
@@ -216,12 +217,10 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def split_into_parts(
-    archives: list[Archive], out: Path, part_bytes: int
-) -> list[dict[str, object]]:
+def split_into_parts(archives: list[Archive], out: Path, part_bytes: int) -> list[dict[str, Any]]:
     """Archives in order, cut into chunks filling parts of at most ``part_bytes``."""
-    parts: list[dict[str, object]] = []
-    current: list[dict[str, object]] = []
+    parts: list[dict[str, Any]] = []
+    current: list[dict[str, Any]] = []
     room = part_bytes
 
     def close() -> None:
@@ -267,7 +266,7 @@ def build_bundle(
     wheel_cache: Path | None = None,
     checkpoint: Path | None = ROOT / "runs" / "demo" / "best.pt",
     log: Callable[[str], None] = print,
-) -> dict[str, object]:
+) -> dict[str, Any]:
     """Write the bundle to ``out`` (replacing it) and return its manifest."""
     proto_gen = ROOT / "service" / "proto_gen"
     if not (proto_gen / "classifier" / "v1" / "classifier_pb2.py").is_file():
@@ -322,7 +321,7 @@ def build_bundle(
     return manifest
 
 
-def plan(manifest: dict[str, object]) -> str:
+def plan(manifest: dict[str, Any]) -> str:
     """The transfers, in order, as the device tool's calls."""
     lines = ["send in this order, each within the warm window of the one before:"]
     parts = manifest["parts"]

@@ -23,6 +23,7 @@ import sys
 import tarfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -31,7 +32,7 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def take_part(part: Path, work: Path) -> dict[str, object]:
+def take_part(part: Path, work: Path) -> dict[str, Any]:
     manifest = json.loads((part / "manifest.json").read_text())
     chunks = work / "chunks"
     chunks.mkdir(parents=True, exist_ok=True)
@@ -42,9 +43,9 @@ def take_part(part: Path, work: Path) -> dict[str, object]:
     return manifest  # type: ignore[no-any-return]
 
 
-def complete_archives(manifest: dict[str, object], work: Path) -> list[str]:
+def complete_archives(manifest: dict[str, Any], work: Path) -> list[str]:
     """Archives whose every chunk is in WORK/chunks and which are not installed yet."""
-    wanted: dict[str, list[dict[str, object]]] = {}
+    wanted: dict[str, list[dict[str, Any]]] = {}
     for part in manifest["parts"]:  # type: ignore[attr-defined]
         for chunk in part["chunks"]:
             wanted.setdefault(str(chunk["archive"]), []).append(chunk)
@@ -56,7 +57,7 @@ def complete_archives(manifest: dict[str, object], work: Path) -> list[str]:
     return ready
 
 
-def join(manifest: dict[str, object], name: str, work: Path) -> Path:
+def join(manifest: dict[str, Any], name: str, work: Path) -> Path:
     chunks = [
         c
         for part in manifest["parts"]  # type: ignore[attr-defined]

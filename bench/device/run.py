@@ -40,6 +40,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -806,7 +807,7 @@ def limit_main(model: Path, images: Path, out: Path) -> int:
     from service.config import load_settings
     from service.runner import Runner
 
-    base = {
+    base: dict[str, Any] = {
         "providers": CUDA_PROVIDERS.split(","),
         "max_batch_size": 256,
         "cudnn_conv_algo_search": "HEURISTIC",
@@ -824,12 +825,12 @@ def limit_main(model: Path, images: Path, out: Path) -> int:
     }
     for n in sizes:
         batch = rng.integers(0, 256, (n, spec.input.height, spec.input.width, 3), np.uint8)
-        result["tensor"][n] = _rate(lambda b=batch: runner.run(b), n)
+        result["tensor"][n] = _rate(partial(runner.run, batch), n)
         if runner.on_gpu:
             value = ort.OrtValue.ortvalue_from_numpy(batch, "cuda", 0)
             with runner._session() as session:  # the same session, the batch on the GPU
                 result["device_resident"][n] = _rate(
-                    lambda v=value, s=session: runner._run_bound_value(s, v), n
+                    partial(runner._run_bound_value, session, value), n
                 )
         out.write_text(json.dumps(result, indent=1))
     photos = load_folder(images)
@@ -852,7 +853,7 @@ def limit_main(model: Path, images: Path, out: Path) -> int:
 
 def _rate(work: Callable[[], Any], images: int, seconds: float = 1.0) -> dict[str, float]:
     work()
-    times = []
+    times: list[float] = []
     end = time.perf_counter() + seconds
     while time.perf_counter() < end or len(times) < 3:
         started = time.perf_counter()

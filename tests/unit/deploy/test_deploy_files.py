@@ -137,7 +137,7 @@ def test_dockerfile_runs_the_server_and_checks_health_with_the_client(target: st
     assert command[:3] == ["python", "-m", "service.client"] and command[-1] == "health"
     assert dockerfile_instruction("USER", target).split()[1] == "10001:10001"
     install = dockerfile_instruction("RUN", target, containing="/wheels/*.whl")
-    assert "-r /tmp/serve.lock" in install or "-r /tmp/gpu.lock" in install
+    assert "-r /tmp/serve.lock" in install or "-r /tmp/gpu.txt" in install
     assert "--no-deps /wheels/*.whl" in install
     assert "torch" not in install.replace("'torch' not in sys.modules", "")
 

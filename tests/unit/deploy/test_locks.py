@@ -46,7 +46,11 @@ def test_the_serving_lock_is_lean_and_scoring_adds_to_it() -> None:
 def test_cpu_and_gpu_images_install_the_locks_and_the_same_onnxruntime() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert "requirements/serve.lock" in dockerfile and "requirements/scoring.lock" in dockerfile
-    (gpu,) = re.findall(r'"onnxruntime-gpu==([0-9.]+)"', dockerfile)
-    assert gpu == pins("serve.lock")["onnxruntime"]
+    assert "requirements/gpu.txt" in dockerfile  # the gpu target's additions
+    gpu = pins("gpu.txt")
+    assert gpu["onnxruntime-gpu"] == pins("serve.lock")["onnxruntime"]
+    # What GPU decoding imports, at the versions the rest of the locks use.
+    assert {"nvidia-nvimgcodec-cu13", "nvidia-nvjpeg", "onnx"} <= set(gpu)
+    assert gpu["onnx"] == pins("dev.lock")["onnx"]
     constraints = (ROOT / "requirements" / "constraints.txt").read_text()
-    assert f"onnxruntime=={gpu}" in constraints
+    assert f"onnxruntime=={gpu['onnxruntime-gpu']}" in constraints

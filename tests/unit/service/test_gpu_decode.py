@@ -62,7 +62,7 @@ def test_rows_match_the_cpu_path_and_batches_mix_rows_and_host_images(runner: Ru
         assert difference.mean() < 0.5 and (difference > 2).mean() < 0.002
         rows.append((row, want))
     # Device rows and host images in one batch, in order, as the batcher hands them over.
-    items = [rows[0][0], rows[1][1], rows[2][0], rows[3][1]]
+    items: list[np.ndarray | DeviceRow] = [rows[0][0], rows[1][1], rows[2][0], rows[3][1]]
     got = runner.run_items(items)["probabilities"]
     want = runner.run(np.stack([r[1] for r in rows]))["probabilities"]
     np.testing.assert_allclose(got, want, atol=1e-3)

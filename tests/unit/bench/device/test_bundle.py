@@ -13,6 +13,7 @@ import sys
 import tarfile
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -118,7 +119,7 @@ def test_parts_fit_their_size_and_the_device_joins_and_installs_each_archive_onc
     assert len(parts) >= 3
     for part in parts:
         assert sum(int(c["bytes"]) for c in part["chunks"]) <= 16_000
-    manifest = {
+    manifest: dict[str, Any] = {
         "parts": parts,
         "archives": {
             a.name: {"sha256": hashlib.sha256(a.path.read_bytes()).hexdigest()}
@@ -145,7 +146,7 @@ def test_parts_fit_their_size_and_the_device_joins_and_installs_each_archive_onc
 def test_a_corrupted_chunk_is_refused(tmp_path: Path) -> None:
     archive = xz_tar(tmp_path / "base.tar.xz", {"artifacts/a": b"x" * 100})
     parts = split_into_parts([Archive("base", archive)], tmp_path / "b", 1 << 20)
-    manifest = {"parts": parts, "archives": {"base": {"sha256": "0"}}}
+    manifest: dict[str, Any] = {"parts": parts, "archives": {"base": {"sha256": "0"}}}
     chunk = tmp_path / "b" / "part-1" / str(parts[0]["chunks"][0]["file"])  # type: ignore[index]
     chunk.write_bytes(b"broken")
     (tmp_path / "b" / "part-1" / "manifest.json").write_text(json.dumps(manifest))
