@@ -211,6 +211,13 @@ class Settings(BaseSettings):
 
     # --- requests and images ----------------------------------------------------------
     max_images_per_request: int = Field(default=64, ge=1)
+    max_json_depth: int = Field(
+        default=32,
+        ge=4,
+        description="REST: nesting of JSON arrays and objects in a request body (a tensor's "
+        "data takes one level per dimension); deeper bodies are refused before they are "
+        "walked",
+    )
     max_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
     max_image_pixels: int = Field(default=40_000_000, ge=1)
     max_image_aspect_ratio: float = Field(

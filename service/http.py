@@ -61,6 +61,13 @@ from service.metrics import UNKNOWN_MODEL
 from service.oip import EXTENSIONS, PLATFORM, SERVER_NAME, InferenceServicer
 from service.postprocess import check_can_localize, localizations, top_k
 from service.repository import ModelRepository, ModelVersion, VersionState
+from service.rest_body import (
+    IndexRequestBody,
+    InferRequestBody,
+    flatten,
+    parse_json,
+    validated,
+)
 from service.status import drop_references, http_status, reason, status_code
 from service.tensors import (
     CLASSIFICATION,
@@ -188,8 +195,10 @@ class HttpCalls:
 # --- the binary-data extension and JSON tensors ------------------------------------------
 
 
-def split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], bytes]:
-    """The JSON header and the binary tail of an inference request."""
+def split_body(
+    body: bytes, header_length: str | None, max_depth: int
+) -> tuple[InferRequestBody, bytes]:
+    """The validated JSON header and the binary tail of an inference request."""
     if header_length is None:
         size = len(body)
     elif header_length.isdigit() and int(header_length) <= len(body):
@@ -199,44 +208,33 @@ def split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], 
             f"Inference-Header-Content-Length {header_length!r} does not fit a body of "
             f"{len(body):,} bytes"
         )
-    try:
-        header = json.loads(body[:size])
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidArgumentError(f"the request is not JSON: {exc}") from None
-    if not isinstance(header, dict):
-        raise InvalidArgumentError("the request must be a JSON object")
-    return header, body[size:]
+    header = parse_json(body[:size], max_depth, "the inference request")
+    return validated(InferRequestBody, header, "the inference request"), body[size:]
 
 
-def _flatten(data: Any) -> list[Any]:
-    if isinstance(data, list):
-        return [item for part in data for item in _flatten(part)]
-    return [data]
-
-
-def input_tensors(header: dict[str, Any], binary: bytes) -> list[InputTensor]:
+def input_tensors(request: InferRequestBody, binary: bytes) -> list[InputTensor]:
     tensors, at = [], 0
-    for item in header.get("inputs") or []:
-        if not isinstance(item, dict) or not {"name", "datatype", "shape"} <= set(item):
-            raise InvalidArgumentError("each input needs a name, a datatype and a shape")
-        parameters = item.get("parameters") or {}
-        size = parameters.get("binary_data_size")
-        shape = [int(d) for d in item["shape"]]
+    for item in request.inputs:
+        if any(d < 0 for d in item.shape):
+            raise InvalidArgumentError(
+                f"input {item.name!r}: shape {item.shape} has a dimension < 0"
+            )
+        size = item.parameter("binary_data_size")
         if size is not None:
-            if not isinstance(size, int) or size < 0 or at + size > len(binary):
+            if type(size) is not int or size < 0 or at + size > len(binary):
                 raise InvalidArgumentError(
-                    f"input {item['name']!r}: binary_data_size {size} exceeds the "
-                    f"{len(binary) - at:,} binary bytes left"
+                    f"input {item.name!r}: binary_data_size {size!r} is not a byte count "
+                    f"within the {len(binary) - at:,} binary bytes left"
                 )
             tensors.append(
-                InputTensor(item["name"], item["datatype"], shape, raw=binary[at : at + size])
+                InputTensor(item.name, item.datatype, item.shape, raw=binary[at : at + size])
             )
             at += size
             continue
-        values = _flatten(item.get("data", []))
-        if item["datatype"] == "BYTES":
-            values = [_base64(v, item["name"]) for v in values]
-        tensors.append(InputTensor(item["name"], item["datatype"], shape, contents=values))
+        values = flatten(item.data if item.data is not None else [])
+        if item.datatype == "BYTES":
+            values = [_base64(v, item.name) for v in values]
+        tensors.append(InputTensor(item.name, item.datatype, item.shape, contents=values))
     if at != len(binary):
         raise InvalidArgumentError(
             f"{len(binary) - at:,} binary bytes after the inputs that no input claims"
@@ -256,17 +254,38 @@ def _base64(value: Any, name: str) -> bytes:
         ) from None
 
 
-def requested_outputs(header: dict[str, Any]) -> tuple[list[OutputRequest], set[str]]:
+def requested_outputs(request: InferRequestBody) -> tuple[list[OutputRequest], set[str]]:
     """The requested outputs, and which of them go back as binary data."""
-    everything_binary = bool((header.get("parameters") or {}).get("binary_data_output"))
+    everything_binary = _flag(request.parameter("binary_data_output"), "binary_data_output")
     requested, binary = [], set()
-    for item in header.get("outputs") or []:
-        parameters = dict(item.get("parameters") or {})
-        class_count = int(parameters.pop(CLASSIFICATION, 0) or 0)
-        if parameters.pop("binary_data", everything_binary):
-            binary.add(item["name"])
-        requested.append(OutputRequest(item["name"], class_count, parameters))
+    for item in request.outputs or []:
+        parameters = dict(item.parameters or {})
+        class_count = parameters.pop(CLASSIFICATION, 0) or 0
+        if type(class_count) is not int or class_count < 0:
+            raise InvalidArgumentError(
+                f"output {item.name!r}: {CLASSIFICATION} must be a class count >= 0, "
+                f"got {class_count!r}"
+            )
+        if _flag(parameters.pop("binary_data", everything_binary), "binary_data"):
+            binary.add(item.name)
+        requested.append(OutputRequest(item.name, class_count, parameters))
     return requested, binary
+
+
+def _flag(value: Any, name: str) -> bool:
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    raise InvalidArgumentError(f"parameter {name} must be true or false, got {value!r}")
+
+
+def timeout_seconds(request: InferRequestBody) -> float | None:
+    """The request's ``timeout`` parameter (microseconds, as Triton's), in seconds."""
+    value = request.parameter("timeout")
+    if value is None or value == 0:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise InvalidArgumentError(f"parameter timeout must be microseconds >= 0, got {value!r}")
+    return float(value) / 1e6
 
 
 def infer_response(
@@ -409,24 +428,27 @@ def create_app(  # noqa: C901
     async def infer(request: Request, model: str, version: str = "") -> Response:
         async def run(call: CallInfo) -> Response:
             body = await request.body()
-            header, binary = split_body(body, request.headers.get(HEADER_LENGTH))
-            timeout_us = (header.get("parameters") or {}).get("timeout")
+            header, binary = split_body(
+                body, request.headers.get(HEADER_LENGTH), settings.max_json_depth
+            )
+            timeout = timeout_seconds(header)
             with repository.lease(model, version) as entry:
                 call.model, call.version = entry.name, str(entry.version)
                 spec = entry.spec
                 requested, binary_outputs = requested_outputs(header)
                 if not requested:
                     requested = default_outputs(spec)
-                    if (header.get("parameters") or {}).get("binary_data_output"):
+                    if header.parameter("binary_data_output"):
                         binary_outputs = {o.name for o in requested}
                 check_outputs(requested, spec)
                 images = images_from(input_tensors(header, binary), spec)
-                deadline = deadline_of(timeout_us / 1e6 if timeout_us else None)
+                deadline = deadline_of(timeout)
                 rows, geometries = await pipeline.run(entry, images, deadline, call, len(body))
             outputs = await asyncio.get_running_loop().run_in_executor(
                 pipeline.pool, outputs_for, spec, rows, geometries, requested
             )
-            return infer_response(entry, str(header.get("id", "")), outputs, binary_outputs)
+            request_id = "" if header.id is None else str(header.id)
+            return infer_response(entry, request_id, outputs, binary_outputs)
 
         return await front.run("http:ModelInfer", request, model, run)
 
@@ -436,7 +458,13 @@ def create_app(  # noqa: C901
     async def repository_index(request: Request) -> Response:
         async def run(call: CallInfo) -> Response:
             body = await request.body()
-            only_ready = bool(body and json.loads(body or b"{}").get("ready"))
+            what = "the repository index request"
+            only_ready = (
+                bool(body)
+                and validated(
+                    IndexRequestBody, parse_json(body, settings.max_json_depth, what), what
+                ).ready
+            )
             states = {
                 VersionState.READY: "READY",
                 VersionState.LOADING: "LOADING",

@@ -217,7 +217,14 @@ def _uint8_images(tensor: InputTensor, spec: ModelSpec) -> np.ndarray:
                 f"{len(tensor.raw):,}"
             )
         return np.frombuffer(tensor.raw, dtype=np.uint8).reshape(shape)
-    values = np.asarray(tensor.contents if tensor.contents is not None else (), dtype=np.int64)
+    try:
+        values = np.asarray(tensor.contents if tensor.contents is not None else (), np.int64)
+    except (TypeError, ValueError, OverflowError):
+        raise InvalidArgumentError(
+            f"input {tensor.name!r}: UINT8 data must be integers in 0..255"
+        ) from None
+    if values.ndim != 1 and tensor.contents is not None:
+        raise InvalidArgumentError(f"input {tensor.name!r}: UINT8 data must be integers")
     if values.size != expected:
         raise InvalidArgumentError(
             f"input {tensor.name!r}: shape {shape} needs {expected:,} values, got {values.size:,}"

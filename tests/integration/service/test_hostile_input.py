@@ -6,6 +6,7 @@ was once the calls are over.
 
 from __future__ import annotations
 
+import http.client
 import io
 import json
 import struct
@@ -340,3 +341,189 @@ def test_fuzzed_payloads_get_4xx_codes_quickly_and_memory_returns(
             }
         )
     )
+
+
+# --- the REST front door -----------------------------------------------------------------
+
+REST_FUZZ_EXAMPLES = 1500
+JSON_SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=12),
+)
+JSON_VALUES = st.recursive(
+    JSON_SCALARS,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+DEEP = "<deep>"  # replaced in the serialised body by a value nested this many levels
+
+
+def _templates(image: bytes) -> list[tuple[dict[str, object], bytes]]:
+    """Valid requests of each kind the REST infer route takes (JSON header, binary tail)."""
+    import base64
+
+    encoded = base64.b64encode(image).decode()
+    uint8 = np.zeros((1, 64, 64, 3), np.uint8)
+    return [
+        (
+            {
+                "inputs": [
+                    {"name": "image_bytes", "shape": [1], "datatype": "BYTES", "data": [encoded]}
+                ]
+            },
+            b"",
+        ),
+        (
+            {
+                "id": "x",
+                "inputs": [
+                    {
+                        "name": "image",
+                        "shape": [1, 64, 64, 3],
+                        "datatype": "UINT8",
+                        "data": uint8.tolist(),
+                    }
+                ],
+                "outputs": [{"name": "probabilities", "parameters": {"classification": 3}}],
+            },
+            b"",
+        ),
+        (
+            {
+                "parameters": {"binary_data_output": True, "timeout": 5_000_000},
+                "inputs": [
+                    {
+                        "name": "image_bytes",
+                        "shape": [1],
+                        "datatype": "BYTES",
+                        "parameters": {"binary_data_size": len(image) + 4},
+                    }
+                ],
+            },
+            struct.pack("<I", len(image)) + image,
+        ),
+    ]
+
+
+def _paths(value: object, prefix: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+    out = [prefix]
+    if isinstance(value, dict):
+        for key, child in value.items():
+            out += _paths(child, (*prefix, key))
+    elif isinstance(value, list):
+        for i, child in enumerate(value[:3]):
+            out += _paths(child, (*prefix, i))
+    return out
+
+
+def _replace(value: object, path: tuple[object, ...], new: object) -> object:
+    if not path:
+        return new
+    head, rest = path[0], path[1:]
+    if isinstance(value, dict):
+        return {**value, head: _replace(value[head], rest, new)}  # type: ignore[index]
+    if isinstance(value, list):
+        copy = list(value)
+        copy[head] = _replace(copy[head], rest, new)  # type: ignore[index]
+        return copy
+    return value
+
+
+@st.composite
+def rest_requests(draw: st.DrawFn, image: bytes) -> tuple[str, bytes, dict[str, str]]:
+    header, binary = draw(st.sampled_from(_templates(image)))
+    for _ in range(draw(st.integers(0, 3))):
+        path = draw(st.sampled_from(_paths(header)))
+        new = draw(st.one_of(JSON_VALUES, st.just(DEEP)))
+        header = _replace(header, path, new)  # type: ignore[assignment]
+    text = json.dumps(header)
+    if DEEP in text:
+        depth = draw(st.sampled_from([33, 200, 3000, 100_000]))
+        text = text.replace(json.dumps(DEEP), "[" * depth + "1" + "]" * depth, 1)
+    body = text.encode() + binary
+    headers = {"content-type": "application/json"}
+    length = draw(
+        st.one_of(
+            st.none(),
+            st.just(str(len(text.encode()))),
+            st.sampled_from(["-1", "abc", "", "99999999999", " 12", "1e3"]),
+            st.integers(0, len(body) + 10).map(str),
+        )
+    )
+    if length is not None:
+        headers["Inference-Header-Content-Length"] = length
+    if draw(st.integers(0, 9)) == 0:  # a truncated or bit-flipped body
+        cut = draw(st.integers(0, len(body)))
+        body = body[:cut]
+    version = draw(st.sampled_from(["", "1", "0", "-1", "99", "x", "1.5"]))
+    path = f"/v2/models/{MODEL}" + (f"/versions/{version}" if version else "") + "/infer"
+    return path, body, headers
+
+
+def rest_post(
+    connection: http.client.HTTPConnection, path: str, body: bytes, headers: dict[str, str]
+) -> tuple[int, bytes]:
+    connection.request("POST", path, body=body, headers=headers)
+    response = connection.getresponse()
+    return response.status, response.read()
+
+
+def test_deeply_nested_json_is_refused_with_400_naming_the_limit(
+    crop_server: ServerProcess,
+) -> None:
+    connection = http.client.HTTPConnection(crop_server.http_target, timeout=CALL_TIMEOUT)
+    nested = "[" * 3000 + "1" + "]" * 3000
+    data = (
+        '{"inputs": [{"name": "image", "shape": [1, 64, 64, 3], "datatype": "UINT8", "data": %s}]}'
+    )
+    cases = {
+        "data nested 3,000 deep": (data % nested).encode(),
+        "a body nested 100,000 deep": ("[" * 100_000 + "]" * 100_000).encode(),
+        "an object nested 40 deep": ('{"a":' * 40 + "1" + "}" * 40).encode(),
+    }
+    for what, body in cases.items():
+        status, answer = rest_post(connection, f"/v2/models/{MODEL}/infer", body, {})
+        assert status == 400, (what, status, answer[:200])
+        assert b"max_json_depth" in answer, (what, answer[:200])
+    status, answer = rest_post(
+        connection, "/v2/repository/index", ("[" * 50_000 + "]" * 50_000).encode(), {}
+    )
+    assert status == 400 and b"max_json_depth" in answer
+    connection.close()
+
+
+def test_fuzzed_rest_requests_get_4xx_codes_and_never_500(
+    crop_server: ServerProcess, quick_model: dict[str, Path]
+) -> None:
+    image = photo(quick_model)
+    seen: Counter[int] = Counter()
+    connection = http.client.HTTPConnection(crop_server.http_target, timeout=CALL_TIMEOUT)
+
+    @settings(
+        max_examples=REST_FUZZ_EXAMPLES,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(rest_requests(image))
+    def one_call(request: tuple[str, bytes, dict[str, str]]) -> None:
+        path, body, headers = request
+        status, answer = rest_post(connection, path, body, headers)
+        assert status < 500, (status, answer[:300], path, headers, body[:300])
+        if status >= 400:
+            assert b"error" in answer
+        seen[status] += 1
+
+    one_call()
+    connection.close()
+    assert sum(seen.values()) == REST_FUZZ_EXAMPLES
+    assert seen[200] > 0 and seen[400] > 0, seen
+    with crop_server.client() as client:
+        assert client.health() == "SERVING"
+    print("\nrest fuzz: " + json.dumps({str(k): v for k, v in sorted(seen.items())}))
