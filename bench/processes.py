@@ -82,7 +82,16 @@ class ServerProcess:
     """``python -m service`` on free ports (gRPC, HTTP, metrics), learnt from its JSON
     'listening' log event."""
 
-    def __init__(self, repository: Path, *args: str, env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        repository: Path,
+        *args: str,
+        env: dict[str, str] | None = None,
+        workers: int | None = 1,
+    ):
+        """``workers``: one process unless a test or benchmark asks for more (a later
+        ``--workers`` in ``args`` wins); None leaves the flag out, as ``make serve`` does,
+        so the server picks its own count."""
         self.repository = repository
         # Lines as read; parsed only when someone looks. A busy server writes an access-log
         # line per call, and parsing each as it arrives would spend the CPU of the very
@@ -100,8 +109,7 @@ class ServerProcess:
             "0",
             "--http-port",
             "0",
-            "--workers",
-            "1",  # one process unless a test or benchmark asks for more (last flag wins)
+            *([] if workers is None else ["--workers", str(workers)]),
             "--model-repository",
             str(repository),
             "--log-format",
