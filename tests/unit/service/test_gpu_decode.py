@@ -154,3 +154,63 @@ def test_gpu_presence_comes_from_device_nodes_and_cuda_visible_devices(
     assert not gpu_present(tmp_path)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
     assert gpu_present(tmp_path)
+
+
+def test_the_request_pipeline_sends_encoded_images_to_the_device_and_keeps_order(
+    runner: Runner,
+) -> None:
+    # classifier.v1's pipeline with GPU decoding on the runner: JPEGs (bytes or Image
+    # messages) through the device path in one task, a PNG and a model-sized array through
+    # the CPU path, answers in request order; a bad image fails the request naming it.
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from service.batching import BatcherConfig, DynamicBatcher
+    from service.calls import CallInfo
+    from service.config import load_settings
+    from service.errors import InvalidArgumentError
+    from service.inference import RequestPipeline
+    from service.metrics import Metrics
+    from service.proto_gen.classifier.v1 import classifier_pb2 as pb
+    from service.repository import ModelVersion
+
+    runner.device_preprocessor = DevicePreprocessor(
+        runner.spec, PillowHostDecoder(), runner.device_resize()
+    )
+    size = runner.spec.input.height
+    array = np.random.default_rng(0).integers(0, 256, (size, size, 3), np.uint8)
+    images = [
+        photo(320, 240, 0),
+        pb.Image(encoded=photo(200, 300, 1)),
+        photo(100, 80, 2, "PNG"),
+        array,
+        photo(640, 480, 3),
+    ]
+    want = runner.run(
+        np.stack(
+            [
+                preprocess_encoded(photo(320, 240, 0), runner.spec, LIMITS)[0],
+                preprocess_encoded(photo(200, 300, 1), runner.spec, LIMITS)[0],
+                preprocess_encoded(photo(100, 80, 2, "PNG"), runner.spec, LIMITS)[0],
+                array,
+                preprocess_encoded(photo(640, 480, 3), runner.spec, LIMITS)[0],
+            ]
+        )
+    )["probabilities"]
+
+    async def main() -> None:
+        with ThreadPoolExecutor(4) as pool:
+            pipeline = RequestPipeline(load_settings(), Metrics(), pool)
+            entry = ModelVersion("tiny", 1, Path("m.onnx"), runner=runner)
+            entry.batcher = DynamicBatcher("tiny/1", runner.run_items, BatcherConfig(), pool)
+            entry.batcher.start()
+            rows, geometries = await pipeline.run(entry, images, None, CallInfo("tiny"), 0)
+            got = np.stack([row["probabilities"] for row in rows])
+            np.testing.assert_allclose(got, want, atol=2e-3)
+            assert (geometries[0].original_width, geometries[3].original_width) == (320, size)
+            with pytest.raises(InvalidArgumentError, match="image 1"):
+                await pipeline.run(entry, [images[0], b"junk"], None, CallInfo("tiny"), 0)
+            await entry.batcher.close()
+
+    asyncio.run(main())
+    assert runner.device_preprocessor.fallbacks == 1  # the PNG
