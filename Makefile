@@ -35,9 +35,14 @@ proto: $(STAMP)  ## generate the gRPC Python code from proto/ (never committed)
 		$(PY) -m service.protogen; \
 	fi
 
-# The 20 slowest tests are listed at the end, so a suite that grows shows where.
+# In parallel (pytest-xdist): most integration time is spent waiting on servers and
+# subprocesses, so a worker more than there are cores keeps them busy; --dist loadfile
+# keeps each module's servers and trained models in one process, and the fixtures several
+# modules share are built once per run (tests/fixtures.py). The 20 slowest tests are
+# listed at the end, so a suite that grows shows where.
+TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; print(max(3, len(os.sched_getaffinity(0)) + 1))")
 test: setup  ## the test suite
-	$(PY) -m pytest --durations=20 $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=20 $(PYTEST_ARGS)
 
 # Only tests/unit: every test under tests/integration starts something, and collecting
 # that folder alone costs seconds of imports.

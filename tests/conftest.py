@@ -3,11 +3,19 @@ briefly trained demo model, and a headless browser."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+# Under pytest-xdist several test processes share the cores. OpenMP's idle threads spin,
+# so two processes training with a thread per core each slowed to a crawl (the quick
+# model took 600 s instead of 50). Passive waiting keeps a thread per core (the same
+# arithmetic as a serial run) without the spinning. Set before anything imports torch.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 TINY = {
     "train_samples": 96,

@@ -49,6 +49,16 @@ def checkpoints(tiny_demo: Path, tmp_path_factory: pytest.TempPathFactory) -> di
 
 
 @pytest.fixture(scope="module")
+def lenet(tiny_demo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A one-epoch LeNet-5 checkpoint: for the tests of the export's gates and refusals,
+    which do not depend on the backbone and run several exports (LeNet's takes a third of
+    MobileNetV3's time: torch.onnx's tracing cost grows with the graph)."""
+    run = tmp_path_factory.mktemp("runs") / "lenet5"
+    cfg = TrainConfig.model_validate(tiny_train_config(tiny_demo, run, backbone="lenet5"))
+    return train(cfg, progress=False).best_checkpoint
+
+
+@pytest.fixture(scope="module")
 def exported(
     checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, ExportResult]:
@@ -116,11 +126,11 @@ def _repository_state(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
 
 
-def test_parity_failure_writes_nothing(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+def test_parity_failure_writes_nothing(lenet: Path, tmp_path: Path) -> None:
     impossible = ParityTolerance(probability=-1.0)
     with pytest.raises(ExportError, match="parity failed: probabilities differ"):
         export_checkpoint(
-            checkpoints["resnet18"],
+            lenet,
             ExportOptions(repository=tmp_path, name="r", tolerance=impossible),
         )
     assert _repository_state(tmp_path) == ["r"]  # no version, no leftover temp files
@@ -170,9 +180,9 @@ def test_int8_gate_refuses_then_accepts(checkpoints: dict[str, Path], tmp_path: 
 
 
 def test_the_decode_gate_keeps_draft_decode_only_when_it_passes(
-    checkpoints: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+    lenet: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    ckpt = checkpoints["mobilenet_v3_small"]
+    ckpt = lenet
     base = ExportOptions(repository=tmp_path, name="d")
     kept = export_checkpoint(ckpt, base)
     assert kept.spec.preprocessing.decode is DecodeMode.JPEG_DRAFT  # training's default
@@ -187,17 +197,13 @@ def test_the_decode_gate_keeps_draft_decode_only_when_it_passes(
     assert "decode_gate_agreement" not in asked.spec.metrics
 
 
-def test_fp16_export_keeps_uint8_in_and_float32_out(
-    checkpoints: dict[str, Path], tmp_path: Path
-) -> None:
+def test_fp16_export_keeps_uint8_in_and_float32_out(lenet: Path, tmp_path: Path) -> None:
     options = ExportOptions(repository=tmp_path, name="h", precision=Precision.FP16)
     with pytest.raises(ExportError, match=r"FP16 top-1 .* \(pass --accept-drop"):
-        export_checkpoint(checkpoints["mobilenet_v3_small"], replace(options, max_fp16_drop=-1))
+        export_checkpoint(lenet, replace(options, max_fp16_drop=-1))
     assert _repository_state(tmp_path) == ["h"]  # nothing published
     # A one-epoch model's near-tied classes may flip in FP16: publish it as asked.
-    result = export_checkpoint(
-        checkpoints["mobilenet_v3_small"], replace(options, accept_drop=True)
-    )
+    result = export_checkpoint(lenet, replace(options, accept_drop=True))
     drop = result.spec.metrics["fp16_top1_drop"]
     # The gate's outcome is recorded for GPU servers: TensorRT FP16 only where it passed.
     passed = drop <= options.max_fp16_drop

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +121,9 @@ def test_pretrained_offline_without_cache_names_the_alternatives(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A real failed download: an empty weight cache and a proxy nobody listens on.
+    # urllib keeps the first opener it builds, proxies included: the one built here must
+    # not outlive the test (a later urlopen in this process would go to the dead proxy).
+    monkeypatch.setattr(urllib.request, "_opener", None)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
         monkeypatch.setenv(var, "http://127.0.0.1:9")
