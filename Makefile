@@ -52,7 +52,7 @@ test-fast: setup  ## the tests that start nothing and train nothing (seconds)
 lint: setup  ## ruff (lint + format check), mypy, hadolint
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy service training bench tests .ci/readme_commands.py
+	$(VENV)/bin/mypy service training bench tests .ci/readme_commands.py .ci/demo_model_bar.py
 	@if [ -f Dockerfile ]; then $(VENV)/bin/hadolint Dockerfile; fi
 
 demo-data: setup  ## build the offline demo dataset (digits on photos) in data/demo
