@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -410,7 +411,7 @@ def _templates(image: bytes) -> list[tuple[dict[str, object], bytes]]:
     ]
 
 
-def _paths(value: object, prefix: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+def _paths(value: object, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
     out = [prefix]
     if isinstance(value, dict):
         for key, child in value.items():
@@ -421,15 +422,15 @@ def _paths(value: object, prefix: tuple[object, ...] = ()) -> list[tuple[object,
     return out
 
 
-def _replace(value: object, path: tuple[object, ...], new: object) -> object:
+def _replace(value: Any, path: tuple[Any, ...], new: object) -> Any:
     if not path:
         return new
     head, rest = path[0], path[1:]
     if isinstance(value, dict):
-        return {**value, head: _replace(value[head], rest, new)}  # type: ignore[index]
+        return {**value, head: _replace(value[head], rest, new)}
     if isinstance(value, list):
         copy = list(value)
-        copy[head] = _replace(copy[head], rest, new)  # type: ignore[index]
+        copy[head] = _replace(copy[head], rest, new)
         return copy
     return value
 
@@ -438,9 +439,9 @@ def _replace(value: object, path: tuple[object, ...], new: object) -> object:
 def rest_requests(draw: st.DrawFn, image: bytes) -> tuple[str, bytes, dict[str, str]]:
     header, binary = draw(st.sampled_from(_templates(image)))
     for _ in range(draw(st.integers(0, 3))):
-        path = draw(st.sampled_from(_paths(header)))
+        where = draw(st.sampled_from(_paths(header)))
         new = draw(st.one_of(JSON_VALUES, st.just(DEEP)))
-        header = _replace(header, path, new)  # type: ignore[assignment]
+        header = _replace(header, where, new)
     text = json.dumps(header)
     if DEEP in text:
         depth = draw(st.sampled_from([33, 200, 3000, 100_000]))
