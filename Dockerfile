@@ -55,6 +55,25 @@ USER 10001:10001
 HEALTHCHECK NONE
 ENTRYPOINT ["python", "-m", "service.scoring"]
 
+# --- ray: the scoring image plus Ray, for Ray clusters (KubeRay's RayJob, deploy/ray) -------
+#   docker run --network host imgclf:ray ray start --head --block
+#   docker run --network host imgclf:ray ray start --address HEAD:6379 --block
+# KubeRay starts Ray itself (it replaces the command) and probes the node with wget.
+FROM scoring AS ray
+USER 0
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends wget \
+    && rm -rf /var/lib/apt/lists/*
+COPY requirements/ray.lock /tmp/ray.lock
+RUN pip install --no-cache-dir -r /tmp/ray.lock && rm /tmp/ray.lock \
+    && python -c "import ray, service.scoring.ray_engine"
+USER 10001:10001
+ENV HOME=/app
+HEALTHCHECK NONE
+ENTRYPOINT []
+CMD ["ray", "start", "--head", "--block", "--include-dashboard=false"]
+
 # --- gpu: CUDA 13 + cuDNN 9 runtime, onnxruntime-gpu, TensorRT 10 libraries ---------------
 # onnxruntime-gpu 1.31 links libcudart.so.13, libcudnn.so.9 and libnvinfer.so.10.
 FROM nvidia/cuda:13.0.0-cudnn-runtime-ubuntu24.04 AS gpu
@@ -92,3 +111,18 @@ VOLUME ["/models", "/cache/tensorrt"]
 HEALTHCHECK --interval=10s --timeout=5s --start-period=300s --retries=3 \
     CMD ["python", "-m", "service.client", "--target", "127.0.0.1:50051", "--timeout", "3", "health"]
 ENTRYPOINT ["python", "-m", "service"]
+
+# --- ray-gpu: the gpu image plus batch scoring and Ray, for GPU workers of a Ray cluster ----
+FROM gpu AS ray-gpu
+USER 0
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends wget \
+    && rm -rf /var/lib/apt/lists/*
+COPY requirements/ray.lock /tmp/ray.lock
+RUN grep -v '^onnxruntime==' /tmp/ray.lock >/tmp/ray-gpu.lock \
+    && pip install --no-cache-dir -r /tmp/ray-gpu.lock && rm /tmp/ray.lock /tmp/ray-gpu.lock
+USER 10001:10001
+HEALTHCHECK NONE
+ENTRYPOINT []
+CMD ["ray", "start", "--head", "--block", "--include-dashboard=false"]

@@ -87,4 +87,5 @@ LOCK = $(VENV)/bin/uv pip compile pyproject.toml --quiet --python-version 3.11 \
 lock: setup  ## refresh the lock files in requirements/ from pyproject.toml (then make setup installs them)
 	$(LOCK) -o requirements/serve.lock
 	$(LOCK) --extra scoring -o requirements/scoring.lock
+	$(LOCK) --extra ray -o requirements/ray.lock
 	$(LOCK) --extra train --extra dev --extra ray -o requirements/dev.lock
