@@ -74,8 +74,12 @@ clean:  ## remove generated code, caches (keeps .venv, data, runs, models)
 readme-check: setup  ## run every README command as written (starts make serve if nothing serves)
 	$(PY) .ci/readme_commands.py
 
-image-test: setup demo-model  ## build the Dockerfile's cpu target with buildah and run it with podman (no Docker daemon needed)
+# The cpu image as docker and compose run it, the Kubernetes pod from deploy/k8s as podman
+# kube plays it, and the ray image as a head and a worker running one scoring job.
+image-test: setup demo-model  ## build the Dockerfile's cpu and ray targets with buildah; run them, and the k8s pod, with podman
 	bash .ci/image-test.sh
+	bash .ci/pod-test.sh
+	bash .ci/ray-image-test.sh
 
 # The device run's bundle (README, "On a GPU"): cp312 wheels, onnxruntime-gpu slimmed to one
 # GPU architecture, the generated code and the demo checkpoint, in parts of <= 56 MiB.

@@ -19,7 +19,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-W=${IMAGE_TEST_DIR:-${TMPDIR:-/tmp}/imgclf-image-test}
 GRPC_PORT=${IMAGE_TEST_GRPC_PORT:-50151}
 HTTP_PORT=${IMAGE_TEST_HTTP_PORT:-8100}
 METRICS_PORT=${IMAGE_TEST_METRICS_PORT:-9190}
@@ -44,15 +43,8 @@ if ! command -v buildah >/dev/null || ! command -v podman >/dev/null \
     apt-get install -y -qq buildah podman podman-compose runc debootstrap >/dev/null
 fi
 
-HARD_NOFILE=$(ulimit -Hn); [ "$HARD_NOFILE" = unlimited ] && HARD_NOFILE=1048576
-NOFILE=$(( HARD_NOFILE < 65536 ? HARD_NOFILE : 65536 ))
-HARD_NPROC=$(ulimit -Hu); [ "$HARD_NPROC" = unlimited ] && HARD_NPROC=32768
-NPROC=$(( HARD_NPROC < 32768 ? HARD_NPROC : 32768 ))
-ULIMITS=(--ulimit "nofile=$NOFILE:$NOFILE" --ulimit "nproc=$NPROC:$NPROC")
-STORE=(--root "$W/storage" --runroot "$W/runroot" --storage-driver vfs)
-PODMAN=(podman "${STORE[@]}" --runtime runc --cgroup-manager cgroupfs --events-backend file)
-BUILDAH=(buildah "${STORE[@]}")
-mkdir -p "$W"
+# shellcheck source=.ci/podman-env.sh
+source .ci/podman-env.sh
 
 step "base image stand-in ($BASE)"
 if ! "${PODMAN[@]}" image exists "$BASE"; then

@@ -137,7 +137,7 @@ class RayEngine:
             },
             batch_size=self.batch_size,
             batch_format="pyarrow",
-            concurrency=self.actors,
+            compute=ray.data.ActorPoolStrategy(size=self.actors),
             **resources,
         )
         for batch in scored.iter_batches(batch_size=self.batch_size, batch_format="pyarrow"):
