@@ -49,10 +49,11 @@ test: setup  ## the test suite
 test-fast: setup  ## the tests that start nothing and train nothing (seconds)
 	$(PY) -m pytest -q -m "not slow and not integration" tests/unit $(PYTEST_ARGS)
 
-lint: setup  ## ruff (lint + format check), mypy, hadolint
+lint: setup  ## ruff (lint + format check), mypy, the import layers (import-linter), hadolint
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy service training bench tests .ci/readme_commands.py .ci/demo_model_bar.py
+	$(VENV)/bin/lint-imports pyproject.toml
 	@if [ -f Dockerfile ]; then $(VENV)/bin/hadolint Dockerfile; fi
 
 demo-data: setup  ## build the offline demo dataset (digits on photos) in data/demo

@@ -11,9 +11,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from service.layout import published_versions  # noqa: E402
-from service.model_spec import ModelSpec  # noqa: E402
-from service.runner import read_metadata  # noqa: E402
+from service.model.layout import published_versions  # noqa: E402
+from service.model.runner import read_metadata  # noqa: E402
+from service.model.spec import ModelSpec  # noqa: E402
 
 BAR = {"onnx_top1": 0.935, "onnx_loc_acc": 0.90}
 

@@ -1,7 +1,7 @@
 """The in-process limit: what this machine can do with our pipeline and no gRPC at all.
 
-Same code as the server — ``service.preprocess`` decoding in a thread pool while
-``service.runner`` runs the previous batch, then top-k — with the server's thread
+Same code as the server — ``service.model.preprocess`` decoding in a thread pool while
+``service.model.runner`` runs the previous batch, then top-k — with the server's thread
 settings. Throughput is taken at several batch sizes and the best is reported; batch-1
 latency is one image at a time, decode to top-k, nothing overlapping.
 """
@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 
 from service.config import Settings, load_settings
-from service.gpu_decode import device_preprocessor_for
-from service.pipeline import run_pipeline
-from service.postprocess import top_k
-from service.preprocess import preprocess_encoded
-from service.runner import Runner
+from service.model.gpu_decode import device_preprocessor_for
+from service.model.offline import run_pipeline
+from service.model.postprocess import top_k
+from service.model.preprocess import preprocess_encoded
+from service.model.runner import Runner
 
 
 @dataclass

@@ -3,7 +3,7 @@ one encoded JPEG per request, as a BYTES tensor. The same client drives our serv
 the Triton peer, so the report compares servers, not clients.
 
 ``--payload tensor`` sends each image instead as a UINT8 ``[1, H, W, 3]`` tensor: the
-model input the server itself would make of it (``service.preprocess`` with the model's
+model input the server itself would make of it (``service.model.preprocess`` with the model's
 spec, from GetModel), made once before the run. The server then neither decodes nor
 resizes, so what is measured is the wire, the batcher and the model — on a
 GPU, the figure to hold against inference-only results such as MLPerf's.
@@ -24,8 +24,8 @@ import tritonclient.grpc.aio as triton
 
 from bench.load import CpuProbe, CpuWindow, LoadResult, check_loopback, percentiles
 from service.client import ClassifierClient
-from service.model_spec import ModelSpec
-from service.preprocess import ImageLimits, preprocess_encoded
+from service.model.preprocess import ImageLimits, preprocess_encoded
+from service.model.spec import ModelSpec
 
 
 @dataclass(frozen=True)

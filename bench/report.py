@@ -37,7 +37,7 @@ from bench.processes import (
 from bench.workload import SCRATCH, latest_model, load_folder, photo_folder, resnet50_model
 from service import eventloop
 from service.config import build_parser, load_settings, parse_flag_values
-from service.cores import cpu_count
+from service.model.cores import cpu_count
 
 PEER_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "peers" / "pytriton"
 

@@ -25,7 +25,7 @@ from bench.limit import measure_limit
 from bench.processes import ServerProcess
 from bench.report import machine
 from bench.workload import SCRATCH
-from service.layout import resolve_model_file
+from service.model.layout import resolve_model_file
 from service.scoring.sources import list_inputs
 
 ENGINES = ("local", "grpc", "ray")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from service.layout import MODEL_FILE, model_file, published_versions
+from service.model.layout import MODEL_FILE, model_file, published_versions
 
 PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
 SCRATCH = Path("bench/scratch")
@@ -64,7 +64,7 @@ def resnet50_checkpoint(path: Path, data: Path = Path("data/demo")) -> Path:
     network does not depend on its weights."""
     if path.is_file():
         return path
-    from service.model_spec import Task
+    from service.model.spec import Task
     from training.checkpoint import checkpoint_state, save_checkpoint
     from training.config import TrainConfig
     from training.models import build_model
@@ -104,7 +104,7 @@ def resnet50_model(
     target = model_file(repository, name, 1)
     if target.is_file():
         return target
-    from service.model_spec import Precision
+    from service.model.spec import Precision
     from training.export import ExportOptions, export_checkpoint
 
     checkpoint = resnet50_checkpoint(repository.parent / "resnet50-random.pt", data)

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from service.errors import (
+from service.model.errors import (
     DeadlineExceededError,
     InferenceError,
     QueueFullError,
@@ -42,7 +42,7 @@ from service.errors import (
 log = logging.getLogger(__name__)
 
 Outputs = dict[str, np.ndarray]
-BatchItem = Any  # np.ndarray, or service.gpu_decode.DeviceRow (the runner tells them apart)
+BatchItem = Any  # np.ndarray, or service.model.gpu_decode.DeviceRow (the runner tells them apart)
 RunBatch = Callable[[list[BatchItem]], Outputs]
 
 

@@ -24,10 +24,10 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-from service.cores import cpu_count
-from service.model_flags import NONE_WORDS, add_model_flags, collect_flag_values
-from service.preprocess import ImageLimits
-from service.runner_options import DEFAULT_PROVIDERS, GPU_PROVIDERS, RunnerOptions
+from service.model.cores import cpu_count
+from service.model.flags import NONE_WORDS, add_model_flags, collect_flag_values
+from service.model.preprocess import ImageLimits
+from service.model.runner_options import DEFAULT_PROVIDERS, GPU_PROVIDERS, RunnerOptions
 
 ENV_PREFIX = "CLASSIFIER_"
 _yaml_file: ContextVar[Path | None] = ContextVar("_yaml_file", default=None)
@@ -36,9 +36,9 @@ _yaml_file: ContextVar[Path | None] = ContextVar("_yaml_file", default=None)
 def _gpu_available() -> bool:
     """A GPU execution provider in this onnxruntime build and a GPU it may use. Other
     providers do not count: the CPU wheel from PyPI lists AzureExecutionProvider."""
-    from service.cuda import gpu_present
-    from service.runner import available_providers
-    from service.runner_options import GPU_PROVIDERS
+    from service.model.cuda import gpu_present
+    from service.model.runner import available_providers
+    from service.model.runner_options import GPU_PROVIDERS
 
     return bool(GPU_PROVIDERS & set(available_providers())) and gpu_present()
 

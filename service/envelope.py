@@ -22,8 +22,8 @@ import grpc
 
 from service.auth import REFUSAL
 from service.calls import CallInfo, CallLog
-from service.errors import REASON_KEY, REQUEST_ID_KEY, ServiceError
 from service.metrics import UNKNOWN_MODEL
+from service.model.errors import REASON_KEY, REQUEST_ID_KEY, ServiceError
 from service.status import drop_references, reason, status_code
 
 log = logging.getLogger(__name__)

@@ -47,7 +47,8 @@ from service import __version__
 from service.auth import AUTH_HEADER, TokenStore
 from service.calls import CallInfo, CallLog
 from service.config import Settings
-from service.errors import (
+from service.metrics import UNKNOWN_MODEL
+from service.model.errors import (
     REASON_KEY,
     REQUEST_ID_KEY,
     InvalidArgumentError,
@@ -56,10 +57,9 @@ from service.errors import (
     UnauthenticatedError,
     UnavailableError,
 )
-from service.inference import RequestPipeline, deadline_of
-from service.metrics import UNKNOWN_MODEL
+from service.model.postprocess import check_can_localize, localizations, top_k
 from service.oip import EXTENSIONS, PLATFORM, SERVER_NAME, InferenceServicer
-from service.postprocess import check_can_localize, localizations, top_k
+from service.online import RequestPipeline, deadline_of
 from service.repository import ModelRepository, ModelVersion, VersionState
 from service.rest_body import (
     IndexRequestBody,

@@ -31,8 +31,8 @@ from service import __version__
 from service.calls import CallInfo
 from service.config import Settings
 from service.envelope import Envelope
-from service.errors import InvalidArgumentError, ServiceError, UnavailableError
-from service.inference import RequestPipeline, deadline_of
+from service.model.errors import InvalidArgumentError, ServiceError, UnavailableError
+from service.online import RequestPipeline, deadline_of
 from service.repository import ModelRepository, ModelVersion, VersionState
 from service.tensors import (
     CLASSIFICATION,

@@ -41,13 +41,13 @@ from pathlib import Path
 
 from service.batching import BatcherConfig, BatcherHooks, DynamicBatcher
 from service.config import Settings
-from service.errors import InvalidArgumentError, NotFoundError, UnavailableError
-from service.gpu_decode import device_preprocessor_for
-from service.layout import MODEL_FILE, scan
 from service.metrics import Metrics
-from service.model_spec import ModelSpec
-from service.runner import Runner
-from service.runner_options import RunnerOptions
+from service.model.errors import InvalidArgumentError, NotFoundError, UnavailableError
+from service.model.gpu_decode import device_preprocessor_for
+from service.model.layout import MODEL_FILE, scan
+from service.model.runner import Runner
+from service.model.runner_options import RunnerOptions
+from service.model.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 

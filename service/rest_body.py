@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from service.errors import InvalidArgumentError
+from service.model.errors import InvalidArgumentError
 
 
 class _Part(BaseModel):

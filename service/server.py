@@ -41,15 +41,15 @@ from grpc_reflection.v1alpha import reflection
 from service.auth import AuthInterceptor, TokenStore
 from service.calls import CallLog
 from service.config import Settings
-from service.cores import cpu_count
 from service.envelope import Envelope
 from service.http import HttpServer, create_app
-from service.inference import RequestPipeline
-from service.memory import FreedMemory, configure_allocator
 from service.metrics import Metrics
+from service.model.cores import cpu_count
+from service.model.memory import FreedMemory, configure_allocator
 from service.oip import SERVICE_NAME as OIP_SERVICE_NAME
 from service.oip import InferenceServicer
 from service.oip import add_to_server as add_oip_servicer
+from service.online import RequestPipeline
 from service.proto_gen.classifier.v1 import classifier_pb2 as pb
 from service.proto_gen.classifier.v1 import classifier_pb2_grpc as pb_grpc
 from service.repository import ModelRepository
@@ -60,7 +60,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ImageClassifier"].full_name
 LIVENESS = "liveness"
-# How often memory freed since the last look is given back to the OS (service.memory).
+# How often memory freed since the last look is given back to the OS (service.model.memory).
 MEMORY_TICK_SECONDS = 5.0
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -335,7 +335,7 @@ async def create_server(
 
 async def serve(settings: Settings, role: WorkerRole | None = None) -> None:
     """Run until SIGTERM/SIGINT, then shut down gracefully."""
-    configure_allocator()  # before the first large decode: see service.memory
+    configure_allocator()  # before the first large decode: see service.model.memory
     server, _ = await create_server(settings, role)
     await server.start()
     stop = asyncio.Event()

@@ -1,7 +1,7 @@
 """The classifier.v1 gRPC service: protobuf ⇄ domain types.
 
 A request: lease the model version (a swap cannot unload it under the call) → the shared
-pipeline (``service.inference``: admission before decoding, decode within the budget,
+pipeline (``service.online``: admission before decoding, decode within the budget,
 the batcher) → postprocess (top-k, boxes, CAM boxes, heatmaps) → response. Errors,
 request ids, metrics and the access log are the envelope's (``service.envelope``), and
 status codes come from the one table in ``service.status``. Tokens are checked before any
@@ -17,13 +17,13 @@ from typing import Any
 from service.calls import CallInfo
 from service.config import Settings
 from service.envelope import Envelope
-from service.inference import RequestPipeline, deadline_of
-from service.model_spec import ModelSpec
-from service.postprocess import check_can_localize, localizations, top_k
+from service.model.postprocess import check_can_localize, localizations, top_k
+from service.model.results import Box, Localization, Prediction
+from service.model.spec import ModelSpec
+from service.online import RequestPipeline, deadline_of
 from service.proto_gen.classifier.v1 import classifier_pb2 as pb
 from service.proto_gen.classifier.v1 import classifier_pb2_grpc as pb_grpc
 from service.repository import ModelRepository, ModelVersion
-from service.results import Box, Localization, Prediction
 
 
 def _predictions(items: Sequence[Prediction]) -> list[pb.Prediction]:

@@ -4,7 +4,7 @@ machine-readable reason. The one table of it; every front door uses it.
 Reasons tell apart what one status code lumps together: ``queue_full`` and
 ``server_busy`` mean "retry later" (``ServiceError.retryable``), ``limit`` and
 ``invalid_image`` blame the request. They travel in the trailing metadata of gRPC
-answers (``service.errors.REASON_KEY``) and in the JSON body of HTTP ones.
+answers (``service.model.errors.REASON_KEY``) and in the JSON body of HTTP ones.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 import grpc
 
-from service.errors import (
+from service.model.errors import (
     DeadlineExceededError,
     InferenceError,
     InvalidArgumentError,

@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.errors import InvalidArgumentError
-from service.model_spec import ModelSpec
-from service.postprocess import locate, top_k
-from service.preprocess import Geometry
+from service.model.errors import InvalidArgumentError
+from service.model.postprocess import locate, top_k
+from service.model.preprocess import Geometry
+from service.model.spec import ModelSpec
 
 BYTES_INPUT = "image_bytes"
 BOXES = "boxes"

@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from service.config import Settings
-from service.cores import cpu_count
+from service.model.cores import cpu_count
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from service.model_flags import add_model_flags, collect_flag_values
+from service.model.flags import add_model_flags, collect_flag_values
 from training.config import TrainConfig
 from training.presets import AugmentConfig
 
@@ -207,7 +207,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from service.model_spec import Precision
+    from service.model.spec import Precision
     from training.export import ExportOptions, export_checkpoint
 
     options = ExportOptions(

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from service.model_spec import Preprocessing, Task
+from service.model.spec import Preprocessing, Task
 from training.config import TrainConfig
 from training.models import ImageModel, build_model, inference_weights
 

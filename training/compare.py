@@ -28,9 +28,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib import ticker
 
-from service.layout import published_versions
-from service.model_spec import ModelSpec, ModelSpecError
-from service.runner import read_metadata
+from service.model.layout import published_versions
+from service.model.runner import read_metadata
+from service.model.spec import ModelSpec, ModelSpecError
 from training.checkpoint import file_sha256, load_checkpoint, model_from_checkpoint
 from training.config import TrainConfig
 from training.export import ExportOptions, export_checkpoint

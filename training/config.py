@@ -10,7 +10,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from service.model_spec import DecodeMode, Interpolation, Preprocessing, ResizeMode, Task
+from service.model.spec import DecodeMode, Interpolation, Preprocessing, ResizeMode, Task
 from training.models import BACKBONES, backbone_info
 from training.presets import AugmentConfig
 

@@ -29,8 +29,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
-from service.model_spec import Preprocessing
-from service.preprocess import load_for_model, load_rgb
+from service.model.preprocess import load_for_model, load_rgb
+from service.model.spec import Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ def load_dataset(
 
 
 def eval_decoder(prep: Preprocessing, height: int, width: int) -> Callable[[str], Image.Image]:
-    """The decoder of evaluation: serving's (``service.preprocess.decode_for_model``), so
+    """The decoder of evaluation: serving's (``service.model.preprocess.decode_for_model``), so
     the pixels evaluated are the pixels served, JPEG draft scale included."""
     return lambda path: load_for_model(path, prep, height, width)
 

@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from service.model_spec import DecodeMode, ModelSpec
-from service.preprocess import UNLIMITED, decode_for_model, preprocess_encoded
-from service.runner import Runner
-from service.runner_options import CPU, RunnerOptions
+from service.model.preprocess import UNLIMITED, decode_for_model, preprocess_encoded
+from service.model.runner import Runner
+from service.model.runner_options import CPU, RunnerOptions
+from service.model.spec import DecodeMode, ModelSpec
 from training.data import load_dataset
 
 

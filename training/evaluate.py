@@ -21,10 +21,10 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from service.pipeline import run_pipeline
-from service.postprocess import cam_box, regression_box
-from service.runner import Runner
-from service.runner_options import CPU, RunnerOptions
+from service.model.offline import run_pipeline
+from service.model.postprocess import cam_box, regression_box
+from service.model.runner import Runner
+from service.model.runner_options import CPU, RunnerOptions
 from training.checkpoint import model_from_checkpoint
 from training.data import ImageDataset, collate_skipping_failures, eval_decoder, load_dataset
 from training.metrics import compute_metrics

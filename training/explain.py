@@ -5,9 +5,9 @@ and the activation grid of each chosen stage (``training.activations``). For the
 the filter patterns of chosen stages (``training.filter_patterns``). The page uses only
 relative links, so it opens from the folder with no server.
 
-Images go through serving's own decode and resize (``service.preprocess``), so what is
+Images go through serving's own decode and resize (``service.model.preprocess``), so what is
 explained is what the served model sees; overlays are drawn over the decoded image with
-the serving geometry (``service.postprocess.heatmap``), as the Localize heatmap is.
+the serving geometry (``service.model.postprocess.heatmap``), as the Localize heatmap is.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from service.postprocess import heatmap
-from service.preprocess import UNLIMITED, Geometry, decode_for_model, resize_to_input
+from service.model.postprocess import heatmap
+from service.model.preprocess import UNLIMITED, Geometry, decode_for_model, resize_to_input
 from training.activations import layer_outputs, plot_channel_grid
 from training.checkpoint import LoadedModel, model_from_checkpoint
 from training.filter_patterns import filter_patterns

@@ -33,8 +33,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from service.layout import MODEL_FILE, next_version
-from service.model_spec import (
+from service.model.layout import MODEL_FILE, next_version
+from service.model.runner import Runner
+from service.model.runner_options import CPU, RunnerOptions
+from service.model.spec import (
     FP16_GATE_METRIC,
     DecodeMode,
     InputSpec,
@@ -43,8 +45,6 @@ from service.model_spec import (
     Precision,
     Task,
 )
-from service.runner import Runner
-from service.runner_options import CPU, RunnerOptions
 from training.checkpoint import LoadedModel, file_sha256, model_from_checkpoint
 from training.decode_gate import measure_decode_gate, with_decode
 from training.evaluate import evaluate_onnx

@@ -13,7 +13,7 @@ inside the true box / its box's loc accuracy: last stage (3x3) 0.75 / 0.18; the 
 6x6 stage 0.88 / 0.44; the deepest 12x12 stage 0.76 / 0.27 (too early to know digits).
 
 Everything here works on normalised float input in input-tensor coordinates; the callers
-map results to original pixels with the serving geometry (``service.preprocess``).
+map results to original pixels with the serving geometry (``service.model.preprocess``).
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from service.postprocess import cam_box
-from service.preprocess import Geometry
+from service.model.postprocess import cam_box
+from service.model.preprocess import Geometry
 from training.checkpoint import LoadedModel
 from training.data import ImageDataset, collate_skipping_failures, eval_decoder, load_dataset
 from training.metrics import compute_metrics

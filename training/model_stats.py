@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from service.cores import cpu_count
+from service.model.cores import cpu_count
 from training.models import ImageModel
 from training.quantize import measure_latency
 

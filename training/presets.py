@@ -2,7 +2,7 @@
 
 The eval transform is the single definition of how an image becomes model input, and its
 parameters are exactly the ModelSpec's ``Preprocessing``: the exported model carries them
-and ``service.preprocess`` reproduces them with the same geometry functions (a test keeps
+and ``service.model.preprocess`` reproduces them with the same geometry functions (a test keeps
 the two equal on the demo val set).
 
 Train transforms add augmentation on top. For localization every geometric step moves the
@@ -21,8 +21,8 @@ from torchvision import tv_tensors
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as F
 
-from service.model_spec import Interpolation, Preprocessing, ResizeMode
-from service.preprocess import letterbox_size
+from service.model.preprocess import letterbox_size
+from service.model.spec import Interpolation, Preprocessing, ResizeMode
 
 INTERPOLATION = {
     Interpolation.NEAREST: InterpolationMode.NEAREST,

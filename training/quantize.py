@@ -16,9 +16,9 @@ import numpy as np
 import onnx
 from torch import nn
 
-from service.model_spec import ModelSpec, OutputSpec, Precision
-from service.runner import Runner
-from service.runner_options import CPU, RunnerOptions
+from service.model.runner import Runner
+from service.model.runner_options import CPU, RunnerOptions
+from service.model.spec import ModelSpec, OutputSpec, Precision
 from training.checkpoint import LoadedModel
 from training.evaluate import evaluate_onnx
 from training.verify import (

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 from torchvision.ops import generalized_box_iou_loss
 from tqdm import tqdm
 
-from service.model_spec import Preprocessing, Task
+from service.model.spec import Preprocessing, Task
 from training.checkpoint import checkpoint_state, load_checkpoint, save_checkpoint
 from training.config import TrainConfig
 from training.data import (

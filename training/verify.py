@@ -16,9 +16,9 @@ import onnx
 import torch
 from torch import nn
 
-from service.model_spec import METADATA_KEY, ModelSpec, OutputSpec
-from service.runner import Runner
-from service.runner_options import CPU, RunnerOptions
+from service.model.runner import Runner
+from service.model.runner_options import CPU, RunnerOptions
+from service.model.spec import METADATA_KEY, ModelSpec, OutputSpec
 from training.checkpoint import LoadedModel
 from training.data import eval_decoder, load_dataset
 from training.presets import eval_transform

@@ -353,8 +353,8 @@ class Run:
             except Exception as exc:
                 info[package] = f"missing: {exc}"
         # A CUDA session against the CPU on the demo model.
-        from service.runner import Runner
-        from service.runner_options import RunnerOptions
+        from service.model.runner import Runner
+        from service.model.runner_options import RunnerOptions
 
         model = self.work / "models" / "demo" / "1" / "model.onnx"
         if self._wait_for_file(model, min(90.0, self.left() - 300)):
@@ -368,8 +368,8 @@ class Run:
                 "max_abs_diff": {k: float(np.abs(want[k] - got[k]).max()) for k in want},
             }
             try:
-                from service.gpu_decode import device_preprocessor_for
-                from service.preprocess import ImageLimits
+                from service.model.gpu_decode import device_preprocessor_for
+                from service.model.preprocess import ImageLimits
 
                 started = time.monotonic()
                 device = device_preprocessor_for(gpu, "gpu", ImageLimits())
@@ -400,7 +400,7 @@ class Run:
                 "--durations=10",
                 f"--junitxml={junit}",
                 "tests/integration/service/test_gpu.py",
-                "tests/integration/service/test_gpu_decode.py",
+                "tests/integration/service/model/test_gpu_decode.py",
             ],
             min(150.0, self.left() - 250),
             self.logs / "gpu-tests.log",
@@ -805,7 +805,7 @@ def limit_main(model: Path, images: Path, out: Path) -> int:
     from bench.limit import measure_limit
     from bench.workload import load_folder
     from service.config import load_settings
-    from service.runner import Runner
+    from service.model.runner import Runner
 
     base: dict[str, Any] = {
         "providers": CUDA_PROVIDERS.split(","),

@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from service.layout import resolve_model_file
+from service.model.layout import resolve_model_file
 
 try:  # the serving install leaves these out: say what to install instead of a traceback
     import pyarrow  # noqa: F401

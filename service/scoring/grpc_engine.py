@@ -33,9 +33,9 @@ from service.client import (
     is_retryable,
     to_proto_image,
 )
-from service.layout import name_and_version
+from service.model.layout import name_and_version
+from service.model.results import Classification, Localization
 from service.proto_gen.classifier.v1 import classifier_pb2 as pb
-from service.results import Classification, Localization
 from service.scoring.rows import Row
 
 log = logging.getLogger(__name__)

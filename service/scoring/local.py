@@ -1,6 +1,6 @@
 """The local engine: the in-process pipeline (decode threads feeding ONNX Runtime batches).
 
-No server and no gRPC: ``service.pipeline`` overlaps decoding with inference exactly as
+No server and no gRPC: ``service.model.offline`` overlaps decoding with inference exactly as
 the benchmark's in-process limit does. ``score_outputs`` turns one image's model outputs
 into a row; the Ray engine's actors reuse it, so the two engines agree row for row.
 """
@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 
 from service.config import Settings, load_settings
-from service.model_spec import ModelSpec
-from service.pipeline import run_pipeline
-from service.postprocess import locate, top_k
-from service.preprocess import Geometry
-from service.runner import Runner
+from service.model.offline import run_pipeline
+from service.model.postprocess import locate, top_k
+from service.model.preprocess import Geometry
+from service.model.runner import Runner
+from service.model.spec import ModelSpec
 from service.scoring.rows import Row
 
 

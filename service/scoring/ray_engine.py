@@ -23,7 +23,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from service.cores import cpu_count
+from service.model.cores import cpu_count
 from service.scoring.rows import Row, from_record, to_table
 
 log = logging.getLogger(__name__)
@@ -82,8 +82,8 @@ class RayEngine:
     ):
         import ray
 
-        from service.model_spec import ModelSpec
-        from service.runner import read_metadata
+        from service.model.runner import read_metadata
+        from service.model.spec import ModelSpec
         from service.scoring.local import check_task
 
         spec = ModelSpec.from_metadata(read_metadata(model_path), source=str(model_path))

@@ -8,7 +8,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from service.results import Box, Prediction
+from service.model.results import Box, Prediction
 
 
 @dataclass

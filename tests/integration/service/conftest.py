@@ -13,8 +13,8 @@ import pytest
 from bench.processes import ServerProcess as _ServerProcess
 from bench.processes import tree_rss_mb
 from service.client import ClassifierClient
-from service.model_spec import ModelSpec, ResizeMode
-from service.runner import read_metadata
+from service.model.runner import read_metadata
+from service.model.spec import ModelSpec, ResizeMode
 
 
 class ServerProcess(_ServerProcess):

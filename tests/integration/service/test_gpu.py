@@ -14,9 +14,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from service.cuda import gpu_present
-from service.runner import Runner
-from service.runner_options import CPU, CUDA, TENSORRT, RunnerOptions
+from service.model.cuda import gpu_present
+from service.model.runner import Runner
+from service.model.runner_options import CPU, CUDA, TENSORRT, RunnerOptions
 
 pytestmark = [
     pytest.mark.gpu,

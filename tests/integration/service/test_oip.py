@@ -18,9 +18,9 @@ import tritonclient.http as thttp
 from tritonclient.grpc import service_pb2
 from tritonclient.utils import InferenceServerException
 
-from service.model_spec import ModelSpec
-from service.preprocess import ImageLimits, preprocess_encoded
-from service.runner import read_metadata
+from service.model.preprocess import ImageLimits, preprocess_encoded
+from service.model.runner import read_metadata
+from service.model.spec import ModelSpec
 from tests.integration.service.conftest import ServerProcess, copy_model
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

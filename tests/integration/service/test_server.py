@@ -401,7 +401,7 @@ def test_versions_policies_and_a_broken_model(
 
 def test_serving_code_never_imports_torch() -> None:
     code = (
-        "import sys; import service.server, service.client, service.pipeline, "
+        "import sys; import service.server, service.client, service.model.offline, "
         "service.__main__; assert 'torch' not in sys.modules, 'torch imported'; "
         "assert 'torchvision' not in sys.modules"
     )

@@ -11,8 +11,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from service.layout import next_version
-from service.model_spec import (
+from service.model.layout import next_version
+from service.model.runner import Runner, trt_fp16_enabled
+from service.model.spec import (
     FP16_GATE_METRIC,
     METADATA_KEY,
     DecodeMode,
@@ -20,7 +21,6 @@ from service.model_spec import (
     ModelSpecError,
     Precision,
 )
-from service.runner import Runner, trt_fp16_enabled
 from tests.conftest import tiny_train_config
 from training.config import TrainConfig
 from training.evaluate import evaluate_checkpoint, evaluate_onnx

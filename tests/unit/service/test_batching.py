@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from service.batching import BatcherConfig, BatcherHooks, DynamicBatcher
-from service.errors import DeadlineExceededError, InferenceError, QueueFullError
+from service.model.errors import DeadlineExceededError, InferenceError, QueueFullError
 
 
 def image(tag: int) -> np.ndarray:

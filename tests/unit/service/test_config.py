@@ -16,7 +16,7 @@ from service.config import (
     load_settings,
     parse_flag_values,
 )
-from service.cores import cpu_count
+from service.model.cores import cpu_count
 
 
 def test_precedence_yaml_then_env_then_flags(
@@ -174,8 +174,8 @@ def test_auto_workers_is_one_per_core_with_the_installed_cpu_onnxruntime() -> No
     # The CPU wheel lists AzureExecutionProvider beside the CPU one: that is no GPU.
     import onnxruntime as ort
 
-    from service.cores import cpu_count
-    from service.runner_options import GPU_PROVIDERS
+    from service.model.cores import cpu_count
+    from service.model.runner_options import GPU_PROVIDERS
 
     if GPU_PROVIDERS & set(ort.get_available_providers()):
         pytest.skip("this onnxruntime has a GPU provider")

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from service.config import Settings
-from service.errors import InvalidArgumentError, NotFoundError, UnavailableError
 from service.metrics import Metrics
+from service.model.errors import InvalidArgumentError, NotFoundError, UnavailableError
 from service.repository import ModelRepository, ModelVersion, VersionState
 
 

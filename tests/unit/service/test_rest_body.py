@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.errors import InvalidArgumentError
+from service.model.errors import InvalidArgumentError
 from service.rest_body import (
     InferRequestBody,
     flatten,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from service.errors import (
+from service.model.errors import (
     DeadlineExceededError,
     InferenceError,
     InvalidArgumentError,

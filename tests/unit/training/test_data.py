@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.model_spec import Preprocessing, ResizeMode
+from service.model.spec import Preprocessing, ResizeMode
 from training.data import (
     ImageDataset,
     collate_skipping_failures,

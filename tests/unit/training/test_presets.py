@@ -12,8 +12,8 @@ from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from service.model_spec import Preprocessing, ResizeMode
-from service.preprocess import resize_to_input
+from service.model.preprocess import resize_to_input
+from service.model.spec import Preprocessing, ResizeMode
 from training.presets import (
     AugmentConfig,
     BoxSafeCrop,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from service.errors import REASON_KEY
+from service.model.errors import REASON_KEY
 from service.scoring.grpc_engine import blames_the_images, with_backoff
 
 

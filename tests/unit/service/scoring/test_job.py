@@ -11,7 +11,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from service.results import Box
+from service.model.results import Box
 from service.scoring.job import JobError, JobSpec, ShardStore, check_resume, completed_ranges
 from service.scoring.rows import Row, from_record
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from service.model_flags import add_model_flags, collect_flag_values
+from service.model.flags import add_model_flags, collect_flag_values
 
 
 class Inner(BaseModel):

@@ -1,7 +1,7 @@
 """The GPU decode path with its stand-in decoder (Pillow into host memory) and ONNX
 Runtime's CPU provider in the device's place: the same header checks, fallbacks, budget,
 resize graph, rows and batch assembly that run on a GPU. The real decoder runs in
-tests/integration/service/test_gpu_decode.py on a GPU."""
+tests/integration/service/model/test_gpu_decode.py on a GPU."""
 
 from __future__ import annotations
 
@@ -12,20 +12,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.cuda import gpu_present
-from service.decode_budget import DecodeBudget
-from service.errors import InvalidImageError, LimitExceededError
-from service.gpu_decode import (
+from service.model.cuda import gpu_present
+from service.model.decode_budget import DecodeBudget
+from service.model.errors import InvalidImageError, LimitExceededError
+from service.model.gpu_decode import (
     DevicePreprocessor,
     DeviceRow,
     PillowHostDecoder,
     device_preprocessor_for,
 )
-from service.model_spec import ResizeMode
-from service.preprocess import ImageLimits, preprocess_encoded
-from service.runner import Runner
-from service.runner_options import CPU, RunnerOptions
-from tests.unit.service.gpu_decode_models import spec_for, write_tiny_model
+from service.model.preprocess import ImageLimits, preprocess_encoded
+from service.model.runner import Runner
+from service.model.runner_options import CPU, RunnerOptions
+from service.model.spec import ResizeMode
+from tests.unit.service.model.gpu_decode_models import spec_for, write_tiny_model
 
 LIMITS = ImageLimits()
 
@@ -168,9 +168,9 @@ def test_the_request_pipeline_sends_encoded_images_to_the_device_and_keeps_order
     from service.batching import BatcherConfig, DynamicBatcher
     from service.calls import CallInfo
     from service.config import load_settings
-    from service.errors import InvalidArgumentError
-    from service.inference import RequestPipeline
     from service.metrics import Metrics
+    from service.model.errors import InvalidArgumentError
+    from service.online import RequestPipeline
     from service.proto_gen.classifier.v1 import classifier_pb2 as pb
     from service.repository import ModelVersion
 

@@ -2,7 +2,7 @@
 rows into batches, and the server's decode_device setting, against the CPU path.
 
 Marked ``gpu``: skipped where this onnxruntime has no CUDA provider or nvImageCodec is not
-installed (CI and the dev machine; there, tests/unit/service/test_gpu_decode.py runs the
+installed (CI and the dev machine; there, tests/unit/service/model/test_gpu_decode.py runs the
 same path with a host stand-in). Run on a GPU machine: ``python -m pytest -m gpu``.
 """
 
@@ -18,10 +18,10 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from service.cuda import gpu_present
-from service.preprocess import ImageLimits, preprocess_encoded
-from service.runner import Runner
-from service.runner_options import CPU, CUDA, RunnerOptions
+from service.model.cuda import gpu_present
+from service.model.preprocess import ImageLimits, preprocess_encoded
+from service.model.runner import Runner
+from service.model.runner_options import CPU, CUDA, RunnerOptions
 
 pytestmark = [
     pytest.mark.gpu,
@@ -50,7 +50,7 @@ def png(data: bytes) -> bytes:
 
 @pytest.fixture(scope="module")
 def gpu_runner(quick_model: dict[str, Path]) -> Runner:
-    from service.gpu_decode import device_preprocessor_for
+    from service.model.gpu_decode import device_preprocessor_for
 
     runner = Runner(quick_model["model"], RunnerOptions(providers=[CUDA, CPU]))
     if not runner.on_gpu:
@@ -62,7 +62,7 @@ def gpu_runner(quick_model: dict[str, Path]) -> Runner:
 def test_nvimagecodec_decodes_into_device_memory_close_to_pillow(
     quick_model: dict[str, Path], gpu_runner: Runner
 ) -> None:
-    from service.gpu_decode import NvImageDecoder
+    from service.model.gpu_decode import NvImageDecoder
 
     decoder = NvImageDecoder(0)
     datas = val_images(quick_model, 16)

@@ -30,12 +30,12 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from service.cores import cpu_count
-from service.errors import InferenceError
-from service.gpu_decode import DecodedImage, DevicePreprocessor, DeviceRow
-from service.model_spec import FP16_GATE_METRIC, ModelSpec
-from service.preprocess import Geometry
-from service.runner_options import CPU, CUDA, TENSORRT, RunnerOptions
+from service.model.cores import cpu_count
+from service.model.errors import InferenceError
+from service.model.gpu_decode import DecodedImage, DevicePreprocessor, DeviceRow
+from service.model.preprocess import Geometry
+from service.model.runner_options import CPU, CUDA, TENSORRT, RunnerOptions
+from service.model.spec import FP16_GATE_METRIC, ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -131,13 +131,13 @@ BatchItem = np.ndarray | DeviceRow  # one image of a batch: host pixels or a dev
 
 
 class DeviceResize:
-    """The serving resize (``service.device_resize``) as an ONNX Runtime session on the
+    """The serving resize (``service.model.device_resize``) as an ONNX Runtime session on the
     runner's device: decoded images in, model-input rows out, both in device memory and
     bound by pointer, so nothing is copied through the host. On the CPU provider it runs
     the same way on host memory (the stand-in that tests use where there is no GPU)."""
 
     def __init__(self, spec: ModelSpec, device: str, device_id: int, providers: list[str]):
-        from service.device_resize import build_resize_graph, resize_inputs
+        from service.model.device_resize import build_resize_graph, resize_inputs
 
         self._inputs_for = resize_inputs
         self.spec = spec
@@ -218,7 +218,7 @@ class Runner:
         self._device_id = self.options.device_id if self.on_gpu else 0
         binding = self.options.io_binding
         self._use_io_binding = self.on_gpu if binding is None else binding
-        # GPU decoding, when the server turns it on (service.gpu_decode).
+        # GPU decoding, when the server turns it on (service.model.gpu_decode).
         self.device_preprocessor: DevicePreprocessor | None = None
         self._copy_stream: int | None = None  # batch assembly from device rows (GPU)
         self._stream_lock = threading.Lock()
@@ -452,7 +452,7 @@ class Runner:
                 ctypes.memmove(dst, src, count)
 
             return host_copy
-        from service.cuda import CudaRuntime
+        from service.model.cuda import CudaRuntime
 
         cuda = CudaRuntime.get()
         with self._stream_lock:
@@ -468,7 +468,7 @@ class Runner:
 
     def _copies_done(self) -> None:
         if self.on_gpu and self._copy_stream is not None:
-            from service.cuda import CudaRuntime
+            from service.model.cuda import CudaRuntime
 
             CudaRuntime.get().stream_synchronize(self._copy_stream)
 

@@ -12,7 +12,7 @@ Order, and why:
    version's queue (``max_queue_size``) — a full server refuses at once;
 3. decode and resize in the preprocess pool, within the decode budget (``DecodeBudget``);
    for a model on a GPU with GPU decoding, the request's JPEGs go together, in one pool
-   task, to ``service.gpu_decode`` (decoded and resized on the device), and only what it
+   task, to ``service.model.gpu_decode`` (decoded and resized on the device), and only what it
    hands back goes through the CPU path;
 4. the batcher; one output row per image comes back, in order.
 
@@ -37,8 +37,9 @@ import numpy as np
 
 from service.calls import CallInfo
 from service.config import Settings
-from service.decode_budget import DecodeBudget
-from service.errors import (
+from service.metrics import Metrics
+from service.model.decode_budget import DecodeBudget
+from service.model.errors import (
     InvalidArgumentError,
     InvalidImageError,
     LimitExceededError,
@@ -46,11 +47,10 @@ from service.errors import (
     ServerBusyError,
     ServiceError,
 )
-from service.gpu_decode import DevicePreprocessor
-from service.memory import FreedMemory
-from service.metrics import Metrics
-from service.model_spec import ModelSpec
-from service.preprocess import Geometry, ImageLimits, preprocess_encoded, preprocess_raw
+from service.model.gpu_decode import DevicePreprocessor
+from service.model.memory import FreedMemory
+from service.model.preprocess import Geometry, ImageLimits, preprocess_encoded, preprocess_raw
+from service.model.spec import ModelSpec
 from service.repository import ModelVersion
 from service.status import drop_references
 

@@ -10,7 +10,7 @@ deadline; one that could never fit is refused at once. Nothing is decoded withou
 Holders never wait for anything but their own decode, so waiting cannot deadlock.
 
 Freed decode memory stays in the C allocator's heaps (and in RSS) unless given back: the
-budget reports what each decode freed to ``service.memory.FreedMemory`` and, when it
+budget reports what each decode freed to ``service.model.memory.FreedMemory`` and, when it
 falls idle, lets it trim if enough has accumulated.
 """
 
@@ -21,8 +21,8 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from service.errors import DeadlineExceededError, LimitExceededError
-from service.memory import FreedMemory
+from service.model.errors import DeadlineExceededError, LimitExceededError
+from service.model.memory import FreedMemory
 
 # Pillow holds decoded pixels in 4 bytes each (RGB is stored as RGBX).
 BYTES_PER_PIXEL = 4

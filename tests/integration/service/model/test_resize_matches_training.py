@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.model_spec import DecodeMode
-from service.preprocess import ImageLimits, load_for_model, preprocess_encoded
-from service.runner import Runner
-from service.runner_options import CPU, RunnerOptions
+from service.model.preprocess import ImageLimits, load_for_model, preprocess_encoded
+from service.model.runner import Runner
+from service.model.runner_options import CPU, RunnerOptions
+from service.model.spec import DecodeMode
 from training.data import load_dataset
 from training.decode_gate import measure_decode_gate, with_decode
 from training.presets import eval_transform

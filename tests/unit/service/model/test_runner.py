@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from service.config import load_settings
-from service.model_spec import (
+from service.model.runner import provider_options, trt_fp16_enabled
+from service.model.runner_options import CPU, CUDA, TENSORRT, RunnerOptions
+from service.model.spec import (
     FP16_GATE_METRIC,
     InputSpec,
     ModelSpec,
@@ -16,8 +18,6 @@ from service.model_spec import (
     ResizeMode,
     Task,
 )
-from service.runner import provider_options, trt_fp16_enabled
-from service.runner_options import CPU, CUDA, TENSORRT, RunnerOptions
 
 
 def _spec(**metrics: float) -> ModelSpec:

@@ -23,12 +23,12 @@ from typing import Any
 
 import numpy as np
 
-from service.cores import cpu_count
-from service.errors import ServiceError
-from service.gpu_decode import DevicePreprocessor
-from service.model_spec import ModelSpec
-from service.preprocess import Geometry, ImageLimits, preprocess_encoded
-from service.runner import Runner
+from service.model.cores import cpu_count
+from service.model.errors import ServiceError
+from service.model.gpu_decode import DevicePreprocessor
+from service.model.preprocess import Geometry, ImageLimits, preprocess_encoded
+from service.model.runner import Runner
+from service.model.spec import ModelSpec
 
 Source = bytes | str | Path
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from service.model_spec import (
+from service.model.spec import (
     METADATA_KEY,
     InputSpec,
     ModelSpec,

@@ -21,14 +21,14 @@ from typing import TypeVar
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from service.decode_budget import DecodeBudget
-from service.errors import (
+from service.model.decode_budget import DecodeBudget
+from service.model.errors import (
     InvalidImageError,
     LimitExceededError,
     ResourceExhaustedError,
     ServiceError,
 )
-from service.model_spec import DecodeMode, Interpolation, ModelSpec, Preprocessing, ResizeMode
+from service.model.spec import DecodeMode, Interpolation, ModelSpec, Preprocessing, ResizeMode
 
 T = TypeVar("T")
 

@@ -9,9 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from service.decode_budget import BYTES_PER_PIXEL, DecodeBudget
-from service.errors import DeadlineExceededError, LimitExceededError
-from service.memory import FreedMemory, configure_allocator, release_free_memory
+from service.model.decode_budget import BYTES_PER_PIXEL, DecodeBudget
+from service.model.errors import DeadlineExceededError, LimitExceededError
+from service.model.memory import FreedMemory, configure_allocator, release_free_memory
 
 
 def test_holders_never_exceed_the_budget() -> None:

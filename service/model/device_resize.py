@@ -1,8 +1,8 @@
 """The serving resize as a small ONNX graph, so it runs where the pixels are (the GPU).
 
-Used by GPU decoding (``service.gpu_decode``): an image decoded into device memory is
+Used by GPU decoding (``service.model.gpu_decode``): an image decoded into device memory is
 resized, cropped or letterboxed there and written into its row of the model's input, so it
-never comes back to the host. The graph does what ``service.preprocess.resize_to_input``
+never comes back to the host. The graph does what ``service.model.preprocess.resize_to_input``
 does with Pillow, from the same ``Geometry``:
 
     image uint8 [h, w, 3] ─► Cast float ─► Resize (``sizes``; antialiased, as Pillow
@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from service.model_spec import Interpolation, ModelSpec, ResizeMode
-from service.preprocess import Geometry
+from service.model.preprocess import Geometry
+from service.model.spec import Interpolation, ModelSpec, ResizeMode
 
 OPSET = 18  # Resize's ``antialias`` and ``axes``
 

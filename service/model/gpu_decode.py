@@ -2,7 +2,7 @@
 
 For a model that runs on a GPU, a request's JPEGs are decoded together by nvImageCodec
 (nvJPEG: the hardware JPEG engines where the GPU has them, else CUDA) straight into device
-memory, resized there by the serving resize as an ONNX graph (``service.device_resize``)
+memory, resized there by the serving resize as an ONNX graph (``service.model.device_resize``)
 into a buffer of model-input rows, and later copied row by row into the batch that
 ONNX Runtime reads through IO binding. No pixel crosses back to the host.
 
@@ -38,10 +38,9 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
-from service.decode_budget import DecodeBudget
-from service.errors import ServiceError
-from service.model_spec import ModelSpec
-from service.preprocess import (
+from service.model.decode_budget import DecodeBudget
+from service.model.errors import ServiceError
+from service.model.preprocess import (
     _TRANSPOSING_ORIENTATIONS,
     Geometry,
     ImageLimits,
@@ -50,6 +49,7 @@ from service.preprocess import (
     plan_geometry,
     preprocess_encoded,
 )
+from service.model.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ class NvImageDecoder:
     def __init__(self, device_id: int = 0, decoders: int = 2):
         from nvidia import nvimgcodec
 
-        from service.cuda import CudaRuntime
+        from service.model.cuda import CudaRuntime
 
         self._nvimgcodec = nvimgcodec
         self._cuda = CudaRuntime.get()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.model_spec import (
+from service.model.spec import (
     METADATA_KEY,
     InputSpec,
     ModelSpec,

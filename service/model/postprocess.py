@@ -1,7 +1,7 @@
 """Model outputs → answers: top-k labels, boxes in original pixels, CAM boxes and heatmaps.
 
 Boxes come out of the model normalised to the input tensor; ``Geometry`` (from
-``service.preprocess``) maps them back through the crop, letterbox or stretch onto the
+``service.model.preprocess``) maps them back through the crop, letterbox or stretch onto the
 original image. Models without a box head still localize: the top-1 class activation map
 is upsampled to the input, thresholded at ``cam_threshold`` of its range, and the largest
 connected component's bounding box is the answer (Zhou et al., 2016).
@@ -14,10 +14,10 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
-from service.errors import InvalidArgumentError
-from service.model_spec import ModelSpec
-from service.preprocess import Geometry
-from service.results import Box, Heatmap, Localization, Prediction
+from service.model.errors import InvalidArgumentError
+from service.model.preprocess import Geometry
+from service.model.results import Box, Heatmap, Localization, Prediction
+from service.model.spec import ModelSpec
 
 BOX_SOURCE_REGRESSION = "regression"
 BOX_SOURCE_CAM = "cam"

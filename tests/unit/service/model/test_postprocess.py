@@ -7,8 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.model_spec import InputSpec, ModelSpec, OutputSpec, Preprocessing, ResizeMode, Task
-from service.postprocess import (
+from service.model.postprocess import (
     BOX_SOURCE_CAM,
     BOX_SOURCE_REGRESSION,
     cam_box,
@@ -17,7 +16,8 @@ from service.postprocess import (
     regression_box,
     top_k,
 )
-from service.preprocess import plan_geometry
+from service.model.preprocess import plan_geometry
+from service.model.spec import InputSpec, ModelSpec, OutputSpec, Preprocessing, ResizeMode, Task
 
 
 def test_top_k_is_sorted_and_labelled() -> None:

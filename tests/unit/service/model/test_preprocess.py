@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.decode_budget import DecodeBudget
-from service.errors import InvalidImageError, LimitExceededError
-from service.model_spec import DecodeMode, InputSpec, ModelSpec, Preprocessing, ResizeMode, Task
-from service.preprocess import (
+from service.model.decode_budget import DecodeBudget
+from service.model.errors import InvalidImageError, LimitExceededError
+from service.model.preprocess import (
     ImageLimits,
     open_image,
     plan_geometry,
@@ -22,6 +21,7 @@ from service.preprocess import (
     preprocess_raw,
     resize_target_for,
 )
+from service.model.spec import DecodeMode, InputSpec, ModelSpec, Preprocessing, ResizeMode, Task
 
 LIMITS = ImageLimits()
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.errors import InferenceError
-from service.runner import Runner, read_metadata, select_providers
-from service.runner_options import CPU, CUDA, TENSORRT, RunnerOptions
+from service.model.errors import InferenceError
+from service.model.runner import Runner, read_metadata, select_providers
+from service.model.runner_options import CPU, CUDA, TENSORRT, RunnerOptions
 
 pytestmark = pytest.mark.slow
 

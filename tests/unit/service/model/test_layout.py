@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from service.layout import (
+from service.model.layout import (
     MODEL_FILE,
     is_version_name,
     model_file,

@@ -7,7 +7,6 @@ drawn box and heatmap), list models, health.
     python -m service.client health            # exit 0 only when SERVING
     python -m service.client --ca ca.pem --cert me.pem --key me.key --token-file t health
 
-(``python -m service.cli`` is the same.)
 """
 
 from __future__ import annotations
@@ -23,12 +22,9 @@ import grpc
 import numpy as np
 from PIL import Image
 
-from service.client import (
-    DEFAULT_TARGET,
-    ClassifierClient,
-    read_token_file,
-)
-from service.results import Classification, Localization
+from service.client.core import DEFAULT_TARGET, read_token_file
+from service.client.sync import ClassifierClient
+from service.model.results import Classification, Localization
 
 
 def draw(image_path: Path, result: Localization, out: Path, with_heatmap: bool) -> None:
@@ -267,7 +263,3 @@ def _as_json(path: Path, result: Classification | Localization) -> dict[str, Any
             "source": result.box_source,
         }
     return out
-
-
-if __name__ == "__main__":
-    sys.exit(main())
