@@ -36,7 +36,7 @@ COPY --from=builder /wheels/ /wheels/
 RUN pip install --no-cache-dir -r /tmp/serve.lock \
     && pip install --no-cache-dir --no-deps /wheels/*.whl \
     && rm -rf /wheels /tmp/serve.lock \
-    && python -c "import service.server, sys; assert 'torch' not in sys.modules"
+    && python -c "import service.server.main, sys; assert 'torch' not in sys.modules"
 USER 10001:10001
 EXPOSE 50051 8000 9090
 VOLUME ["/models"]

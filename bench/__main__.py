@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     exit_on_sigterm()
     if args.command == "load":
         from bench.load import run_load
-        from service import eventloop
+        from service.server import eventloop
 
         latencies: list[float] = []
         if args.payload == "tensor" and args.protocol != "oip":

@@ -20,12 +20,12 @@ from typing import Any
 import grpc
 
 from bench.processes import ROOT
-from service import eventloop
-from service.config import load_settings
 from service.proto_gen.classifier.v1 import classifier_pb2 as pb
 from service.proto_gen.classifier.v1 import classifier_pb2_grpc as pb_grpc
-from service.server import server_options
-from service.workers import tie_to_parent
+from service.server import eventloop
+from service.server.config import load_settings
+from service.server.main import server_options
+from service.server.workers import tie_to_parent
 
 ANSWER = pb.ClassifyResponse(
     model="demo",

@@ -15,12 +15,12 @@ from typing import Any
 
 import numpy as np
 
-from service.config import Settings, load_settings
 from service.model.gpu_decode import device_preprocessor_for
 from service.model.offline import run_pipeline
 from service.model.postprocess import top_k
 from service.model.preprocess import preprocess_encoded
 from service.model.runner import Runner
+from service.server.config import Settings, load_settings
 
 
 @dataclass

@@ -35,9 +35,9 @@ from bench.processes import (
     tree_cpu_seconds,
 )
 from bench.workload import SCRATCH, latest_model, load_folder, photo_folder, resnet50_model
-from service import eventloop
-from service.config import build_parser, load_settings, parse_flag_values
 from service.model.cores import cpu_count
+from service.server import eventloop
+from service.server.config import build_parser, load_settings, parse_flag_values
 
 PEER_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "peers" / "pytriton"
 

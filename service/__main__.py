@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    from service.config import ConfigError, build_parser, load_settings, parse_flag_values
+    from service.server.config import ConfigError, build_parser, load_settings, parse_flag_values
 
     args = build_parser().parse_args(argv)
     config = args.config or (
@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
         print(settings.model_dump_json(indent=2))
         return 0
 
-    from service import logs
+    from service.server import logs
 
     logs.configure(settings.log_level, settings.log_format)
     try:
@@ -31,18 +31,18 @@ def main(argv: list[str] | None = None) -> int:
             # Files every worker would fail on stop the server here, once, with a message
             # (rather than crash-looping the workers).
             if settings.tls_cert is not None and settings.tls_key is not None:
-                from service.tls import check_server_files
+                from service.server.tls import check_server_files
 
                 try:
                     check_server_files(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
                 except ValueError as exc:
                     raise OSError(str(exc)) from None
             # Before anything of gRPC or Prometheus exists in this process: it forks.
-            from service.workers import supervise
+            from service.server.workers import supervise
 
             return supervise(settings)
-        from service import eventloop
-        from service.server import serve
+        from service.server import eventloop
+        from service.server.main import serve
 
         eventloop.run(serve(settings))
     except OSError as exc:

@@ -399,7 +399,7 @@ class Run:
                 "-rA",
                 "--durations=10",
                 f"--junitxml={junit}",
-                "tests/integration/service/test_gpu.py",
+                "tests/integration/service/server/test_gpu.py",
                 "tests/integration/service/model/test_gpu_decode.py",
             ],
             min(150.0, self.left() - 250),
@@ -804,8 +804,8 @@ def limit_main(model: Path, images: Path, out: Path) -> int:
 
     from bench.limit import measure_limit
     from bench.workload import load_folder
-    from service.config import load_settings
     from service.model.runner import Runner
+    from service.server.config import load_settings
 
     base: dict[str, Any] = {
         "providers": CUDA_PROVIDERS.split(","),

@@ -13,7 +13,7 @@
     ├── UnauthenticatedError          missing or wrong credentials
     └── InferenceError                the runtime failed on a batch (the server's fault)
 
-Domain code raises these; it never touches gRPC. ``service.servicer`` is the one place
+Domain code raises these; it never touches gRPC. ``service.server.grpc.classifier`` is the one place
 that turns them into status codes, so the mapping lives in a single table there.
 Each message says what was wrong and, for limits, what the limit is. ``retryable`` marks
 the errors that say "not now" rather than "not this request": clients back off and retry

@@ -1,5 +1,5 @@
 """What a Runner is asked for — providers, threads, caches — without importing ONNX Runtime,
-so the settings (``service.config``) and ``python -m service --help`` stay light."""
+so the settings (``service.server.config``) and ``python -m service --help`` stay light."""
 
 from __future__ import annotations
 

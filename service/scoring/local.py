@@ -12,13 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
-from service.config import Settings, load_settings
 from service.model.offline import run_pipeline
 from service.model.postprocess import locate, top_k
 from service.model.preprocess import Geometry
 from service.model.runner import Runner
 from service.model.spec import ModelSpec
 from service.scoring.rows import Row
+from service.server.config import Settings, load_settings
 
 
 def check_task(spec: ModelSpec, task: str) -> None:

@@ -37,8 +37,8 @@ class _ScoringActor:
     ):
         import ray
 
-        from service.config import load_settings
         from service.scoring.local import LocalEngine
+        from service.server.config import load_settings
 
         model_bytes = ray.get(model_ref) if isinstance(model_ref, ray.ObjectRef) else model_ref
         # ONNX Runtime loads from a file; this actor's copy of the model's bytes.

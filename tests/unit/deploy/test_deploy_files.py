@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 import yaml
 
-from service.config import Settings, load_settings
-from service.metrics import Metrics
-from service.workers import RESTARTS_METRIC
+from service.server.config import Settings, load_settings
+from service.server.metrics import Metrics
+from service.server.workers import RESTARTS_METRIC
 
 ROOT = Path(__file__).resolve().parents[3]
 

@@ -78,10 +78,10 @@ def test_every_contract_holds_on_the_tree(source_copy: Path) -> None:
 @pytest.mark.parametrize(
     ("module", "line", "contract_id"),
     [
-        ("training/export.py", "import service.server", "training-uses-model-only"),
-        ("service/model/runner.py", "import service.config", "model-stands-alone"),
-        ("service/client/core.py", "import service.repository", "client-without-server"),
-        ("service/online.py", "import torch", "service-without-torch"),
+        ("training/export.py", "import service.server.main", "training-uses-model-only"),
+        ("service/model/runner.py", "import service.server.config", "model-stands-alone"),
+        ("service/client/core.py", "import service.server.repository", "client-without-server"),
+        ("service/server/online.py", "import torch", "service-without-torch"),
     ],
 )
 def test_each_contract_fails_when_an_import_breaks_it(

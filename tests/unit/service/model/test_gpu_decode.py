@@ -165,14 +165,14 @@ def test_the_request_pipeline_sends_encoded_images_to_the_device_and_keeps_order
     import asyncio
     from concurrent.futures import ThreadPoolExecutor
 
-    from service.batching import BatcherConfig, DynamicBatcher
-    from service.calls import CallInfo
-    from service.config import load_settings
-    from service.metrics import Metrics
     from service.model.errors import InvalidArgumentError
-    from service.online import RequestPipeline
     from service.proto_gen.classifier.v1 import classifier_pb2 as pb
-    from service.repository import ModelVersion
+    from service.server.batching import BatcherConfig, DynamicBatcher
+    from service.server.calls import CallInfo
+    from service.server.config import load_settings
+    from service.server.metrics import Metrics
+    from service.server.online import RequestPipeline
+    from service.server.repository import ModelVersion
 
     runner.device_preprocessor = DevicePreprocessor(
         runner.spec, PillowHostDecoder(), runner.device_resize()

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from service.config import load_settings
 from service.model.runner import provider_options, trt_fp16_enabled
 from service.model.runner_options import CPU, CUDA, TENSORRT, RunnerOptions
 from service.model.spec import (
@@ -18,6 +17,7 @@ from service.model.spec import (
     ResizeMode,
     Task,
 )
+from service.server.config import load_settings
 
 
 def _spec(**metrics: float) -> ModelSpec:

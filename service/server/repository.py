@@ -39,15 +39,15 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
-from service.batching import BatcherConfig, BatcherHooks, DynamicBatcher
-from service.config import Settings
-from service.metrics import Metrics
 from service.model.errors import InvalidArgumentError, NotFoundError, UnavailableError
 from service.model.gpu_decode import device_preprocessor_for
 from service.model.layout import MODEL_FILE, scan
 from service.model.runner import Runner
 from service.model.runner_options import RunnerOptions
 from service.model.spec import ModelSpec
+from service.server.batching import BatcherConfig, BatcherHooks, DynamicBatcher
+from service.server.config import Settings
+from service.server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 The repository's state is set as ``load()`` leaves it (READY versions, loading and failed
 ones, known names), so the rules are checked without loading ONNX Runtime; loading itself
-and hot reload run against real models in tests/integration/service/test_lifecycle.py.
+and hot reload run against real models in tests/integration/service/server/test_lifecycle.py.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from service.config import Settings
-from service.metrics import Metrics
 from service.model.errors import InvalidArgumentError, NotFoundError, UnavailableError
-from service.repository import ModelRepository, ModelVersion, VersionState
+from service.server.config import Settings
+from service.server.metrics import Metrics
+from service.server.repository import ModelRepository, ModelVersion, VersionState
 
 
 def repository(tmp_path: Path, **settings: object) -> ModelRepository:

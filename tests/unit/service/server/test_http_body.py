@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from service.model.errors import InvalidArgumentError
-from service.rest_body import (
+from service.server.http.body import (
     InferRequestBody,
     flatten,
     json_depth_exceeds,

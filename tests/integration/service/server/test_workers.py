@@ -16,11 +16,11 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service.config import load_settings
 from service.model.cores import cpu_count
 from service.proto_gen.classifier.v1 import classifier_pb2 as pb
 from service.proto_gen.classifier.v1 import classifier_pb2_grpc as pb_grpc
-from service.workers import Supervisor
+from service.server.config import load_settings
+from service.server.workers import Supervisor
 from tests.integration.service.conftest import ServerProcess, copy_model, publish
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

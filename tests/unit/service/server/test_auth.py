@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from service import auth
-from service.auth import TokenStore, header_of
+from service.server import auth
+from service.server.auth import TokenStore
+from service.server.grpc.auth import header_of
 
 
 def test_no_tokens_means_no_gate() -> None:

@@ -6,8 +6,8 @@ import os
 import shutil
 from pathlib import Path
 
-from service.config import load_settings
-from service.workers import MULTIPROC_ENV, Supervisor
+from service.server.config import load_settings
+from service.server.workers import MULTIPROC_ENV, Supervisor
 
 
 def test_workers_share_the_server_wide_memory_bounds(tmp_path: Path) -> None:

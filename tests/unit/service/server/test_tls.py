@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from service.tls import ServerCertificates
+from service.server.tls import ServerCertificates
 from tests.certs import Authority
 
 

@@ -35,9 +35,6 @@ from typing import Any
 
 import numpy as np
 
-from service.calls import CallInfo
-from service.config import Settings
-from service.metrics import Metrics
 from service.model.decode_budget import DecodeBudget
 from service.model.errors import (
     InvalidArgumentError,
@@ -51,8 +48,11 @@ from service.model.gpu_decode import DevicePreprocessor
 from service.model.memory import FreedMemory
 from service.model.preprocess import Geometry, ImageLimits, preprocess_encoded, preprocess_raw
 from service.model.spec import ModelSpec
-from service.repository import ModelVersion
-from service.status import drop_references
+from service.server.calls import CallInfo
+from service.server.config import Settings
+from service.server.metrics import Metrics
+from service.server.repository import ModelVersion
+from service.server.status import drop_references
 
 log = logging.getLogger(__name__)
 

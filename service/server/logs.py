@@ -14,7 +14,7 @@ _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 # One encoder for every line (``json.dumps`` with an argument builds a new one each call).
 _ENCODER = json.JSONEncoder(default=str)
 
-# Set in a worker process (service.workers): every line says which worker wrote it.
+# Set in a worker process (service.server.workers): every line says which worker wrote it.
 _worker: int | None = None
 
 

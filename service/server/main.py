@@ -1,5 +1,5 @@
 """The server: gRPC (classifier.v1, the Open Inference Protocol, health, reflection), the
-HTTP port (service.http), /metrics, models, shutdown.
+HTTP port (service.server.http.app), /metrics, models, shutdown.
 
     server, port = await create_server(settings)   # bound, not started
     await server.start()                           # health NOT_SERVING until models are warm
@@ -38,23 +38,26 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from service.auth import AuthInterceptor, TokenStore
-from service.calls import CallLog
-from service.config import Settings
-from service.envelope import Envelope
-from service.http import HttpServer, create_app
-from service.metrics import Metrics
 from service.model.cores import cpu_count
 from service.model.memory import FreedMemory, configure_allocator
-from service.oip import SERVICE_NAME as OIP_SERVICE_NAME
-from service.oip import InferenceServicer
-from service.oip import add_to_server as add_oip_servicer
-from service.online import RequestPipeline
 from service.proto_gen.classifier.v1 import classifier_pb2 as pb
 from service.proto_gen.classifier.v1 import classifier_pb2_grpc as pb_grpc
-from service.repository import ModelRepository
-from service.servicer import ImageClassifierServicer
-from service.tls import ServerCertificates
+from service.server.auth import TokenStore
+from service.server.calls import CallEnvelope, CallLog
+from service.server.config import Settings
+from service.server.dataplane import DataPlane
+from service.server.grpc.auth import AuthInterceptor
+from service.server.grpc.classifier import ImageClassifierServicer
+from service.server.grpc.envelope import GrpcEnvelope
+from service.server.grpc.oip import SERVICE_NAME as OIP_SERVICE_NAME
+from service.server.grpc.oip import InferenceServicer
+from service.server.grpc.oip import add_to_server as add_oip_servicer
+from service.server.http.app import create_app
+from service.server.http.server import HttpServer
+from service.server.metrics import Metrics
+from service.server.online import RequestPipeline
+from service.server.repository import ModelRepository
+from service.server.tls import ServerCertificates
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +71,7 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 @dataclass(frozen=True)
 class WorkerRole:
-    """This process is one of ``count`` workers sharing the ports (``service.workers``)."""
+    """This process is one of ``count`` workers sharing the ports (``service.server.workers``)."""
 
     index: int
     count: int
@@ -270,14 +273,17 @@ async def create_server(
     runner_options = replace(settings.runner_options(), cores=cores)
     repository = ModelRepository(settings, metrics, inference_pool, runner_options)
     pipeline = RequestPipeline(settings, metrics, preprocess_pool)
-    envelope = Envelope(CallLog(settings, metrics, repository.is_served))
-    servicer = ImageClassifierServicer(settings, repository, pipeline, envelope)
     tokens = TokenStore(
         settings.auth_token.get_secret_value() if settings.auth_token else None,
         settings.auth_token_file,
     )
+    calls = CallLog(settings, metrics, repository.is_served)
+    envelope = CallEnvelope(calls, tokens)
+    grpc_envelope = GrpcEnvelope(envelope)
     interceptors = (
-        [AuthInterceptor(tokens, envelope.refuse_unauthenticated)] if tokens.enabled else []
+        [AuthInterceptor(envelope.authorized, grpc_envelope.refuse_unauthenticated)]
+        if tokens.enabled
+        else []
     )
     grpc_server = grpc.aio.server(
         interceptors=interceptors, options=server_options(settings, reuse_port=role is not None)
@@ -293,9 +299,11 @@ async def create_server(
         pipeline.freed,
         role,
     )
-    pb_grpc.add_ImageClassifierServicer_to_server(servicer, grpc_server)
-    inference = InferenceServicer(settings, repository, pipeline, envelope, server.is_ready)
-    add_oip_servicer(inference, grpc_server)
+    plane = DataPlane(settings, repository, pipeline, server.is_ready, calls.label_for)
+    pb_grpc.add_ImageClassifierServicer_to_server(
+        ImageClassifierServicer(plane, grpc_envelope), grpc_server
+    )
+    add_oip_servicer(InferenceServicer(plane, grpc_envelope), grpc_server)
     health_pb2_grpc.add_HealthServicer_to_server(server.health, grpc_server)
     reflection.enable_server_reflection(
         (
@@ -323,9 +331,7 @@ async def create_server(
         raise OSError(f"cannot bind gRPC to {address} (in use?)")
     server.port = port
     if settings.http_port is not None:
-        app = create_app(
-            settings, repository, pipeline, envelope.calls, tokens, inference, server.is_ready
-        )
+        app = create_app(settings, plane, envelope)
         try:
             server.http = HttpServer(settings, app, reuse_port=role is not None)
         except ValueError as exc:  # unusable TLS files

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from service.metrics import UNKNOWN_MODEL, Metrics
+from service.server.metrics import UNKNOWN_MODEL, Metrics
 
 
 def labelled(metrics: Metrics) -> set[tuple[str, tuple[tuple[str, str], ...]]]:

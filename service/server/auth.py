@@ -1,4 +1,5 @@
-"""Bearer tokens: where they come from, how they are checked, and the gRPC gate.
+"""Bearer tokens: where they come from and how they are checked (the envelope,
+``service.server.calls``, asks; the gRPC gate and the HTTP envelope refuse).
 
 Tokens come from ``auth_token`` (an environment variable or a flag) and from
 ``auth_token_file`` (one token per line; ``#`` comments and blank lines ignored), which is
@@ -6,7 +7,7 @@ re-read when it changes, so a token can be rotated without a restart: add the ne
 move the clients, remove the old one. Every accepted token is compared in constant time,
 and all of them are compared, so timing tells nothing about which came close.
 
-``AuthInterceptor`` enforces them on every RPC except health (``grpc.health.v1.Health``
+``service.server.grpc.auth`` enforces them on every RPC except health (``grpc.health.v1.Health``
 and the Open Inference Protocol's ServerLive/ServerReady: probes carry no credentials);
 it is installed only when tokens are configured, so a server without them pays nothing
 per call.
@@ -17,21 +18,11 @@ from __future__ import annotations
 import hmac
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
-
-import grpc
 
 log = logging.getLogger(__name__)
 
 AUTH_HEADER = "authorization"
-# Health needs no token: probes carry none, and these answers reveal nothing.
-OPEN_METHODS = (
-    "/grpc.health.v1.Health/",
-    "/inference.GRPCInferenceService/ServerLive",
-    "/inference.GRPCInferenceService/ServerReady",
-)
 # How often the token file's modification time is looked at (one stat per interval).
 RECHECK_SECONDS = 1.0
 
@@ -84,60 +75,3 @@ class TokenStore:
         for expected in self._expected:  # no early exit: compare against every token
             ok |= hmac.compare_digest(got, expected)
         return ok
-
-
-def header_of(metadata: Any) -> str | bytes | None:
-    for key, value in metadata or ():
-        if key == AUTH_HEADER:
-            return value  # type: ignore[no-any-return]
-    return None
-
-
-REFUSAL = "missing or wrong token: send metadata 'authorization: Bearer <token>'"
-# (full method name, context) → sets the UNAUTHENTICATED status on the context
-Refused = Callable[[str, Any], Awaitable[None]]
-
-
-def _refusing(handler: grpc.RpcMethodHandler, refuse: Refused, method: str) -> Any:
-    """A handler of the same shape as ``handler`` that refuses the call."""
-
-    async def unary(request: Any, context: Any) -> Any:
-        await refuse(method, context)
-        return None
-
-    async def streaming(request: Any, context: Any) -> Any:
-        await refuse(method, context)
-        if False:  # an async generator that yields nothing: the stream ends with the status
-            yield
-
-    # Request bodies are not deserialised: a refused call costs nothing more.
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(unary)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(streaming)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(unary)
-    return grpc.stream_stream_rpc_method_handler(streaming)
-
-
-class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses, with UNAUTHENTICATED, every call but health that has no accepted token."""
-
-    def __init__(self, tokens: TokenStore, refuse: Refused):
-        self.tokens = tokens
-        self.refuse = refuse
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        method = handler_call_details.method
-        if method.startswith(OPEN_METHODS) or self.tokens.accepts(
-            header_of(handler_call_details.invocation_metadata)
-        ):
-            return await continuation(handler_call_details)
-        handler = await continuation(handler_call_details)
-        if handler is None:  # unknown method: UNIMPLEMENTED, as without a token
-            return handler
-        return _refusing(handler, self.refuse, method)

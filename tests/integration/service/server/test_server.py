@@ -24,7 +24,7 @@ from service.client import error_reason, is_retryable, request_id
 from service.proto_gen.classifier.v1 import classifier_pb2 as pb
 from service.proto_gen.classifier.v1 import classifier_pb2_grpc as pb_grpc
 from tests.integration.service.conftest import ServerProcess, copy_model
-from tests.unit.service.test_preprocess import bomb_png
+from tests.unit.service.model.test_preprocess import bomb_png
 from training.data import load_dataset
 from training.evaluate import evaluate_onnx
 from training.metrics import box_iou
@@ -401,7 +401,7 @@ def test_versions_policies_and_a_broken_model(
 
 def test_serving_code_never_imports_torch() -> None:
     code = (
-        "import sys; import service.server, service.client, service.model.offline, "
+        "import sys; import service.server.main, service.client, service.model.offline, "
         "service.__main__; assert 'torch' not in sys.modules, 'torch imported'; "
         "assert 'torchvision' not in sys.modules"
     )

@@ -11,8 +11,8 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from service.batching import BatcherConfig, BatcherHooks, DynamicBatcher
 from service.model.errors import DeadlineExceededError, InferenceError, QueueFullError
+from service.server.batching import BatcherConfig, BatcherHooks, DynamicBatcher
 
 
 def image(tag: int) -> np.ndarray:

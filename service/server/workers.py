@@ -14,7 +14,7 @@ This parent process, as grpc's ``examples/python/multiprocessing`` does:
 1. reserves the ports (binds them with SO_REUSEPORT and keeps them, so port 0 resolves
    once and no stranger takes them), and prepares prometheus_client's multiprocess
    directory — before any gRPC or Prometheus object exists;
-2. forks the workers; each runs ``service.server.serve`` on the reserved ports;
+2. forks the workers; each runs ``service.server.main.serve`` on the reserved ports;
 3. serves /metrics itself, adding up every worker's files (``MultiProcessCollector``)
    and showing only the model versions some live worker serves;
 4. supervises: a worker that dies is logged, counted and restarted after a backoff
@@ -53,8 +53,8 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
-from service.config import Settings
 from service.model.cores import cpu_count
+from service.server.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +95,8 @@ def _worker_main(settings: Settings, index: int, count: int, cores: int, status:
     """A forked worker: the whole server on the reserved ports."""
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_DFL)  # the server installs its own in its loop
-    from service import eventloop, logs
-    from service.server import WorkerRole, serve
+    from service.server import eventloop, logs
+    from service.server.main import WorkerRole, serve
 
     logs.set_worker(index)
     role = WorkerRole(index=index, count=count, cores=cores, status_file=Path(status))

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from service.config import (
+from service.model.cores import cpu_count
+from service.server.config import (
     ConfigError,
     Settings,
     build_parser,
     load_settings,
     parse_flag_values,
 )
-from service.model.cores import cpu_count
 
 
 def test_precedence_yaml_then_env_then_flags(

@@ -19,7 +19,7 @@ from service.model.errors import (
     UnauthenticatedError,
     UnavailableError,
 )
-from service.status import http_status, reason, status_code
+from service.server.status import http_status, reason, status_code
 
 C = grpc.StatusCode
 

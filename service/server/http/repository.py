@@ -1,0 +1,59 @@
+"""The Open Inference Protocol's repository extension over REST:
+
+POST /v2/repository/index              every version and its state ({"ready": true}: ready)
+POST /v2/repository/models/{m}/load    rescan and serve a model now
+POST /v2/repository/models/{m}/unload  retire every version of a model
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from service.server.calls import CallInfo
+from service.server.http.body import IndexRequestBody, parse_json, validated
+from service.server.http.envelope import parts
+
+router = APIRouter()
+
+
+@router.post("/v2/repository/index", tags=["repository"])
+async def repository_index(request: Request) -> Response:
+    settings, plane = parts(request).settings, parts(request).plane
+
+    async def run(call: CallInfo) -> Response:
+        body = await request.body()
+        what = "the repository index request"
+        ready_only = bool(body) and (
+            validated(IndexRequestBody, parse_json(body, settings.max_json_depth, what), what).ready
+        )
+        return JSONResponse(
+            [
+                {"name": e.name, "version": e.version, "state": e.state, "reason": e.reason}
+                for e in plane.index(ready_only)
+            ]
+        )
+
+    return await parts(request).envelope.run("http:RepositoryIndex", request, None, run)
+
+
+@router.post("/v2/repository/models/{model}/load", tags=["repository"])
+async def load(request: Request, model: str) -> Response:
+    plane = parts(request).plane
+
+    async def run(call: CallInfo) -> Response:
+        await plane.load(call, model)
+        return JSONResponse({})
+
+    return await parts(request).envelope.run("http:RepositoryModelLoad", request, None, run)
+
+
+@router.post("/v2/repository/models/{model}/unload", tags=["repository"])
+async def unload(request: Request, model: str) -> Response:
+    plane = parts(request).plane
+
+    async def run(call: CallInfo) -> Response:
+        await plane.unload(call, model)
+        return JSONResponse({})
+
+    return await parts(request).envelope.run("http:RepositoryModelUnload", request, None, run)
