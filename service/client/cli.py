@@ -153,65 +153,61 @@ def _run(client: ClassifierClient, args: argparse.Namespace) -> int:
         print(status)
         return 0 if status == "SERVING" else 1
     if args.command == "models":
-        models = client.list_models()
-        if args.json:
-            print(
-                json.dumps(
-                    [
-                        {
-                            "name": m.name,
-                            "version": m.version,
-                            "state": m.state,
-                            "task": m.task,
-                            "labels": list(m.labels),
-                        }
-                        for m in models
-                    ]
-                )
-            )
-        else:
-            print(
-                _table(
-                    [
-                        [
-                            m.name,
-                            m.version,
-                            m.state,
-                            m.task,
-                            m.backbone,
-                            m.precision,
-                            ",".join(m.providers),
-                            m.error,
-                        ]
-                        for m in models
-                    ],
-                    [
-                        "model",
-                        "version",
-                        "state",
-                        "task",
-                        "backbone",
-                        "precision",
-                        "providers",
-                        "error",
-                    ],
-                )
-            )
+        _print_models(client.list_models(), args.json)
         return 0
+    results = _infer(client, args)
+    if args.json:
+        print(json.dumps([_as_json(path, r) for path, r in zip(args.images, results, strict=True)]))
+    else:
+        _print_results(args.images, results, localized=args.command == "localize")
+    if args.command == "localize" and args.draw:
+        print(f"wrote {args.draw}")
+    return 0
+
+
+MODEL_COLUMNS = ["model", "version", "state", "task", "backbone", "precision", "providers", "error"]
+
+
+def _print_models(models: list[Any], as_json: bool) -> None:
+    if as_json:
+        keys = ("name", "version", "state", "task")
+        print(
+            json.dumps(
+                [{**{k: getattr(m, k) for k in keys}, "labels": list(m.labels)} for m in models]
+            )
+        )
+        return
+    rows = [
+        [
+            m.name,
+            m.version,
+            m.state,
+            m.task,
+            m.backbone,
+            m.precision,
+            ",".join(m.providers),
+            m.error,
+        ]
+        for m in models
+    ]
+    print(_table(rows, MODEL_COLUMNS))
+
+
+def _infer(client: ClassifierClient, args: argparse.Namespace) -> list[Any]:
+    """classify or localize every image, ``--images-per-request`` at a time."""
     if args.images_per_request < 1:
         raise ValueError("--images-per-request must be at least 1")
+    if args.command == "localize" and args.draw and len(args.images) != 1:
+        raise ValueError("--draw takes exactly one image")
     step = args.images_per_request
-    chunks = [args.images[i : i + step] for i in range(0, len(args.images), step)]
     results: list[Any] = []
-    if args.command == "classify":
-        for chunk in chunks:
+    for i in range(0, len(args.images), step):
+        chunk = args.images[i : i + step]
+        if args.command == "classify":
             results += client.classify(
                 chunk, model=args.model, version=args.version, top_k=args.top_k
             )
-    else:
-        if args.draw and len(args.images) != 1:
-            raise ValueError("--draw takes exactly one image")
-        for chunk in chunks:
+        else:
             results += client.localize(
                 chunk,
                 model=args.model,
@@ -219,13 +215,17 @@ def _run(client: ClassifierClient, args: argparse.Namespace) -> int:
                 top_k=args.top_k,
                 include_heatmap=args.heatmap,
             )
-        if args.draw:
-            draw(args.images[0], results[0], args.draw, args.heatmap)
+    if args.command == "localize" and args.draw:
+        draw(args.images[0], results[0], args.draw, args.heatmap)
+    return results
+
+
+def _print_results(images: list[Path], results: list[Any], localized: bool) -> None:
     rows = []
-    for path, result in zip(args.images, results, strict=True):
+    for path, result in zip(images, results, strict=True):
         for rank, p in enumerate(result.predictions, start=1):
             row = [str(path) if rank == 1 else "", str(rank), p.label, f"{p.score:.4f}"]
-            if args.command == "localize":
+            if localized:
                 b = result.box
                 row.append(
                     f"{b.x_min:.0f},{b.y_min:.0f},{b.x_max:.0f},{b.y_max:.0f} ({result.box_source})"
@@ -233,16 +233,7 @@ def _run(client: ClassifierClient, args: argparse.Namespace) -> int:
                     else ""
                 )
             rows.append(row)
-    if args.json:
-        print(json.dumps([_as_json(path, r) for path, r in zip(args.images, results, strict=True)]))
-    else:
-        header = ["image", "rank", "label", "score"] + (
-            ["box"] if args.command == "localize" else []
-        )
-        print(_table(rows, header))
-    if args.command == "localize" and args.draw:
-        print(f"wrote {args.draw}")
-    return 0
+    print(_table(rows, ["image", "rank", "label", "score"] + (["box"] if localized else [])))
 
 
 def _as_json(path: Path, result: Classification | Localization) -> dict[str, Any]:

@@ -7,17 +7,20 @@ from __future__ import annotations
 import itertools
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import grpc
 import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from service.model.errors import REASON_KEY, REQUEST_ID_KEY
 from service.model.results import Box, Classification, Heatmap, Localization, Prediction
 from service.proto_gen.classifier.v1 import classifier_pb2 as pb
+from service.proto_gen.classifier.v1 import classifier_pb2_grpc as pb_grpc
 
 ImageInput = str | Path | bytes | bytearray | memoryview | Image.Image | np.ndarray | pb.Image
 
@@ -170,8 +173,24 @@ def read_token_file(path: Path) -> str:
 DEFAULT_CHANNELS = 4
 
 
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class Call(Generic[R]):
+    """One RPC as both clients make it: the stub method, its request, how to read the
+    reply, and the deadline; the clients only differ in how they wait for it."""
+
+    method: Any  # a stub's bound method
+    request: Any
+    parse: Callable[[Any], R]
+    timeout: float
+    metadata: Sequence[tuple[str, str]] = ()
+
+
 class ClientCore:
-    """What both clients share: credentials, metadata, and a pool of channels.
+    """What both clients share: credentials, metadata, a pool of channels, and every call
+    (request built, reply read); ``sync`` and ``aio`` only run them.
 
     A server with worker processes (``--workers``) shares its port between them, and the
     kernel balances connections, not calls: a client with one connection reaches one
@@ -180,13 +199,22 @@ class ClientCore:
     one connection).
     """
 
+    # grpc's channel constructors, or grpc.aio's (set by each client)
+    secure_channel: Callable[..., Any]
+    insecure_channel: Callable[..., Any]
+
     def __init__(
         self,
-        target: str,
-        timeout: float,
-        token: str | None,
-        server_name: str | None,
-        channels: int,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float = 30.0,
+        token: str | None = None,
+        tls: bool = False,
+        root_certificates: Path | None = None,
+        certificate_chain: Path | None = None,
+        private_key: Path | None = None,
+        server_name: str | None = None,
+        channels: int = DEFAULT_CHANNELS,
     ):
         if channels < 1:
             raise ValueError("channels must be >= 1")
@@ -201,33 +229,73 @@ class ClientCore:
         if channels > 1:
             self.options.append(("grpc.use_local_subchannel_pool", 1))
         self.channel_count = channels
-        self._stubs: list[Any] = []
+        credentials = channel_credentials(tls, root_certificates, certificate_chain, private_key)
+        self.channels = [
+            type(self).secure_channel(target, credentials, self.options)
+            if credentials
+            else type(self).insecure_channel(target, self.options)
+            for _ in range(channels)
+        ]
+        self.channel = self.channels[0]
+        self._stubs = [pb_grpc.ImageClassifierStub(c) for c in self.channels]
         self._next = itertools.cycle(range(channels))
+        self.health_stub = health_pb2_grpc.HealthStub(self.channel)
 
     @property
     def stub(self) -> Any:
         """The classifier stub of the next channel (round-robin)."""
         return self._stubs[next(self._next)]
 
-    def _classify_request(
-        self, images: Sequence[ImageInput], model: str, version: str, top_k: int
-    ) -> pb.ClassifyRequest:
-        return pb.ClassifyRequest(
+    def _call(
+        self, method: Any, request: Any, parse: Callable[[Any], R], timeout: float | None
+    ) -> Call[R]:
+        return Call(method, request, parse, timeout or self.timeout, self.metadata)
+
+    def classify_call(
+        self,
+        images: Sequence[ImageInput],
+        model: str,
+        version: str,
+        top_k: int,
+        timeout: float | None,
+    ) -> Call[list[Classification]]:
+        request = pb.ClassifyRequest(
             model=model, version=version, top_k=top_k, images=[to_proto_image(i) for i in images]
         )
+        return self._call(self.stub.Classify, request, classifications, timeout)
 
-    def _localize_request(
+    def localize_call(
         self,
         images: Sequence[ImageInput],
         model: str,
         version: str,
         top_k: int,
         include_heatmap: bool,
-    ) -> pb.LocalizeRequest:
-        return pb.LocalizeRequest(
+        timeout: float | None,
+    ) -> Call[list[Localization]]:
+        request = pb.LocalizeRequest(
             model=model,
             version=version,
             top_k=top_k,
             include_heatmap=include_heatmap,
             images=[to_proto_image(i) for i in images],
+        )
+        return self._call(self.stub.Localize, request, localizations, timeout)
+
+    def list_models_call(self, timeout: float | None) -> Call[list[pb.ModelInfo]]:
+        return self._call(
+            self.stub.ListModels, pb.ListModelsRequest(), lambda r: list(r.models), timeout
+        )
+
+    def get_model_call(self, model: str, version: str, timeout: float | None) -> Call[pb.ModelInfo]:
+        request = pb.GetModelRequest(model=model, version=version)
+        return self._call(self.stub.GetModel, request, lambda r: r, timeout)
+
+    def health_call(self, service: str, timeout: float | None) -> Call[str]:
+        """'SERVING', 'NOT_SERVING', ... for the server ("") or one service name."""
+        return Call(  # no token: health is open, as probes call it
+            self.health_stub.Check,
+            health_pb2.HealthCheckRequest(service=service),
+            lambda r: str(health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)),
+            timeout or self.timeout,
         )

@@ -1,54 +1,25 @@
-"""The blocking client: ``ClassifierClient``."""
+"""The blocking client: ``ClassifierClient`` (every call is built and read by the core)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service.client.core import (
-    DEFAULT_CHANNELS,
-    DEFAULT_TARGET,
-    ClientCore,
-    ImageInput,
-    channel_credentials,
-    classifications,
-    localizations,
-)
+from service.client.core import Call, ClientCore, ImageInput, R
 from service.model.results import Classification, Localization
 from service.proto_gen.classifier.v1 import classifier_pb2 as pb
-from service.proto_gen.classifier.v1 import classifier_pb2_grpc as pb_grpc
 
 
 class ClassifierClient(ClientCore):
     """Blocking client. Use as a context manager, or call ``close()``."""
 
-    def __init__(
-        self,
-        target: str = DEFAULT_TARGET,
-        *,
-        timeout: float = 30.0,
-        token: str | None = None,
-        tls: bool = False,
-        root_certificates: Path | None = None,
-        certificate_chain: Path | None = None,
-        private_key: Path | None = None,
-        server_name: str | None = None,
-        channels: int = DEFAULT_CHANNELS,
-    ):
-        super().__init__(target, timeout, token, server_name, channels)
-        credentials = channel_credentials(tls, root_certificates, certificate_chain, private_key)
-        self.channels = [
-            grpc.secure_channel(target, credentials, self.options)
-            if credentials
-            else grpc.insecure_channel(target, self.options)
-            for _ in range(channels)
-        ]
-        self.channel = self.channels[0]
-        self._stubs = [pb_grpc.ImageClassifierStub(c) for c in self.channels]
-        self.health_stub = health_pb2_grpc.HealthStub(self.channel)
+    secure_channel = staticmethod(grpc.secure_channel)
+    insecure_channel = staticmethod(grpc.insecure_channel)
+
+    @staticmethod
+    def _run(call: Call[R]) -> R:
+        return call.parse(call.method(call.request, timeout=call.timeout, metadata=call.metadata))
 
     def classify(
         self,
@@ -59,11 +30,7 @@ class ClassifierClient(ClientCore):
         top_k: int = 0,
         timeout: float | None = None,
     ) -> list[Classification]:
-        request = self._classify_request(images, model, version, top_k)
-        response = self.stub.Classify(
-            request, timeout=timeout or self.timeout, metadata=self.metadata
-        )
-        return classifications(response)
+        return self._run(self.classify_call(images, model, version, top_k, timeout))
 
     def localize(
         self,
@@ -75,34 +42,20 @@ class ClassifierClient(ClientCore):
         include_heatmap: bool = False,
         timeout: float | None = None,
     ) -> list[Localization]:
-        request = self._localize_request(images, model, version, top_k, include_heatmap)
-        response = self.stub.Localize(
-            request, timeout=timeout or self.timeout, metadata=self.metadata
-        )
-        return localizations(response)
+        call = self.localize_call(images, model, version, top_k, include_heatmap, timeout)
+        return self._run(call)
 
     def list_models(self, timeout: float | None = None) -> list[pb.ModelInfo]:
-        response = self.stub.ListModels(
-            pb.ListModelsRequest(), timeout=timeout or self.timeout, metadata=self.metadata
-        )
-        return list(response.models)
+        return self._run(self.list_models_call(timeout))
 
     def get_model(
         self, model: str = "", version: str = "", timeout: float | None = None
     ) -> pb.ModelInfo:
-        info: pb.ModelInfo = self.stub.GetModel(
-            pb.GetModelRequest(model=model, version=version),
-            timeout=timeout or self.timeout,
-            metadata=self.metadata,
-        )
-        return info
+        return self._run(self.get_model_call(model, version, timeout))
 
     def health(self, service: str = "", timeout: float | None = None) -> str:
         """'SERVING', 'NOT_SERVING', ... for the server ("") or one service name."""
-        response = self.health_stub.Check(
-            health_pb2.HealthCheckRequest(service=service), timeout=timeout or self.timeout
-        )
-        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+        return self._run(self.health_call(service, timeout))
 
     def close(self) -> None:
         for channel in self.channels:

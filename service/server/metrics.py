@@ -29,7 +29,25 @@ UNKNOWN_MODEL = "_unknown"
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        r = self.registry
+        self._define_call_metrics(self.registry)
+        self._define_batch_metrics(self.registry)
+        self._define_model_metrics(self.registry)
+        # Metrics labelled (model, version, ...), in that order.
+        self._by_version = {
+            self.requests,
+            self.images,
+            self.inference_duration,
+            self.batch_size,
+            self.pending_images,
+            self.dropped_images,
+            self.model_ready,
+        }
+        self._http: WSGIServer | None = None
+        # (metric, label values) → child. Every labelled series goes through ``child``,
+        # so this is also the list of series that forget_* removes.
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
+
+    def _define_call_metrics(self, r: CollectorRegistry) -> None:
         self.requests = Counter(
             "classifier_requests",
             "RPCs by outcome (gRPC status code name)",
@@ -52,6 +70,8 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+
+    def _define_batch_metrics(self, r: CollectorRegistry) -> None:
         self.queue_duration = Histogram(
             "classifier_queue_duration_seconds",
             "time an image waits for its batch",
@@ -88,6 +108,8 @@ class Metrics:
             ["model", "version", "reason"],
             registry=r,
         )
+
+    def _define_model_metrics(self, r: CollectorRegistry) -> None:
         self.model_ready = Gauge(
             "classifier_model_ready",
             "1 when the model version serves requests",
@@ -108,20 +130,6 @@ class Metrics:
             ["model"],
             registry=r,
         )
-        # Metrics labelled (model, version, ...), in that order.
-        self._by_version = {
-            self.requests,
-            self.images,
-            self.inference_duration,
-            self.batch_size,
-            self.pending_images,
-            self.dropped_images,
-            self.model_ready,
-        }
-        self._http: WSGIServer | None = None
-        # (metric, label values) → child. Every labelled series goes through ``child``,
-        # so this is also the list of series that forget_* removes.
-        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
 
     def child(self, metric: Any, *label_values: str) -> Any:
         """``metric.labels(*label_values)``, cached: label lookup is a measurable part of

@@ -63,3 +63,14 @@ class Parts:
 
 def parts(request: Request) -> Parts:
     return request.app.state.parts  # type: ignore[no-any-return]
+
+
+async def respond(
+    request: Request, method: str, model: str | None, build: Callable[[CallInfo], Response]
+) -> Response:
+    """A route that answers without waiting on anything, run in the envelope."""
+
+    async def route(call: CallInfo) -> Response:
+        return build(call)
+
+    return await parts(request).envelope.run(method, request, model, route)

@@ -15,7 +15,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from service.server.calls import CallInfo
-from service.server.http.envelope import parts
+from service.server.dataplane import ModelMetadata
+from service.server.http.envelope import parts, respond
 from service.server.oip_config import config_json
 from service.server.tensors import TensorInfo
 
@@ -44,12 +45,22 @@ async def ready(request: Request) -> Response:
 async def server_metadata(request: Request) -> Response:
     plane = parts(request).plane
 
-    async def run(call: CallInfo) -> Response:
+    def build(call: CallInfo) -> Response:
         meta = plane.server_metadata()
         extensions = [*meta.extensions, *HTTP_EXTENSIONS]
         return JSONResponse({"name": meta.name, "version": meta.version, "extensions": extensions})
 
-    return await parts(request).envelope.run("http:ServerMetadata", request, None, run)
+    return await respond(request, "http:ServerMetadata", None, build)
+
+
+def _metadata(meta: ModelMetadata) -> dict[str, Any]:
+    return {
+        "name": meta.name,
+        "versions": meta.versions,
+        "platform": meta.platform,
+        "inputs": [_tensor(i) for i in meta.inputs],
+        "outputs": [_tensor(o) for o in meta.outputs],
+    }
 
 
 @router.get("/v2/models/{model}", tags=["metadata"])
@@ -57,19 +68,10 @@ async def server_metadata(request: Request) -> Response:
 async def model_metadata(request: Request, model: str, version: str = "") -> Response:
     plane = parts(request).plane
 
-    async def run(call: CallInfo) -> Response:
-        meta = plane.model_metadata(call, model, version)
-        return JSONResponse(
-            {
-                "name": meta.name,
-                "versions": meta.versions,
-                "platform": meta.platform,
-                "inputs": [_tensor(i) for i in meta.inputs],
-                "outputs": [_tensor(o) for o in meta.outputs],
-            }
-        )
+    def build(call: CallInfo) -> Response:
+        return JSONResponse(_metadata(plane.model_metadata(call, model, version)))
 
-    return await parts(request).envelope.run("http:ModelMetadata", request, model, run)
+    return await respond(request, "http:ModelMetadata", model, build)
 
 
 @router.get("/v2/models/{model}/ready", tags=["health"])
@@ -77,11 +79,11 @@ async def model_metadata(request: Request, model: str, version: str = "") -> Res
 async def model_ready(request: Request, model: str, version: str = "") -> Response:
     plane = parts(request).plane
 
-    async def run(call: CallInfo) -> Response:
+    def build(call: CallInfo) -> Response:
         ok = plane.model_ready(call, model, version)
         return JSONResponse({"name": model, "ready": ok}, status_code=200 if ok else 503)
 
-    return await parts(request).envelope.run("http:ModelReady", request, model, run)
+    return await respond(request, "http:ModelReady", model, build)
 
 
 @router.get("/v2/models/{model}/config", tags=["metadata"])
@@ -89,7 +91,7 @@ async def model_ready(request: Request, model: str, version: str = "") -> Respon
 async def model_config(request: Request, model: str, version: str = "") -> Response:
     plane = parts(request).plane
 
-    async def run(call: CallInfo) -> Response:
+    def build(call: CallInfo) -> Response:
         return JSONResponse(config_json(plane.model_config(call, model, version)))
 
-    return await parts(request).envelope.run("http:ModelConfig", request, model, run)
+    return await respond(request, "http:ModelConfig", model, build)

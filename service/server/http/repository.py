@@ -7,6 +7,8 @@ POST /v2/repository/models/{m}/unload  retire every version of a model
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
@@ -37,23 +39,22 @@ async def repository_index(request: Request) -> Response:
     return await parts(request).envelope.run("http:RepositoryIndex", request, None, run)
 
 
-@router.post("/v2/repository/models/{model}/load", tags=["repository"])
-async def load(request: Request, model: str) -> Response:
-    plane = parts(request).plane
-
+async def _control(
+    request: Request, method: str, model: str, action: Callable[[CallInfo, str], Awaitable[None]]
+) -> Response:
     async def run(call: CallInfo) -> Response:
-        await plane.load(call, model)
+        await action(call, model)
         return JSONResponse({})
 
-    return await parts(request).envelope.run("http:RepositoryModelLoad", request, None, run)
+    return await parts(request).envelope.run(method, request, None, run)
+
+
+@router.post("/v2/repository/models/{model}/load", tags=["repository"])
+async def load(request: Request, model: str) -> Response:
+    return await _control(request, "http:RepositoryModelLoad", model, parts(request).plane.load)
 
 
 @router.post("/v2/repository/models/{model}/unload", tags=["repository"])
 async def unload(request: Request, model: str) -> Response:
-    plane = parts(request).plane
-
-    async def run(call: CallInfo) -> Response:
-        await plane.unload(call, model)
-        return JSONResponse({})
-
-    return await parts(request).envelope.run("http:RepositoryModelUnload", request, None, run)
+    action = parts(request).plane.unload
+    return await _control(request, "http:RepositoryModelUnload", model, action)

@@ -18,7 +18,7 @@ from service.model.results import Localization, Prediction
 from service.server.calls import CallInfo
 from service.server.config import Settings
 from service.server.dataplane import ImageRequest, ModelSummary
-from service.server.http.envelope import parts
+from service.server.http.envelope import parts, respond
 
 router = APIRouter()
 
@@ -101,10 +101,10 @@ async def image_request(request: Request, model: str) -> ImageRequest:
 async def list_models(request: Request) -> Response:
     plane = parts(request).plane
 
-    async def run(call: CallInfo) -> Response:
+    def build(call: CallInfo) -> Response:
         return JSONResponse({"models": [_model(m) for m in plane.models()]})
 
-    return await parts(request).envelope.run("http:ListModels", request, None, run)
+    return await respond(request, "http:ListModels", None, build)
 
 
 @router.post("/v1/models/{model}:classify", tags=["upload"])
