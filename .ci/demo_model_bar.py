@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from service.model.layout import published_versions  # noqa: E402
-from service.model.runner import read_metadata  # noqa: E402
+from service.model.sessions import read_metadata  # noqa: E402
 from service.model.spec import ModelSpec  # noqa: E402
 
 BAR = {"onnx_top1": 0.935, "onnx_loc_acc": 0.90}

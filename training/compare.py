@@ -29,7 +29,7 @@ import matplotlib.pyplot as plt
 from matplotlib import ticker
 
 from service.model.layout import published_versions
-from service.model.runner import read_metadata
+from service.model.sessions import read_metadata
 from service.model.spec import ModelSpec, ModelSpecError
 from training.checkpoint import file_sha256, load_checkpoint, model_from_checkpoint
 from training.config import TrainConfig

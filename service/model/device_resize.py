@@ -20,7 +20,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 
+from service.model.gpu_decode import DecodedImage, DeviceRow
 from service.model.preprocess import Geometry
 from service.model.spec import Interpolation, ModelSpec, ResizeMode
 
@@ -107,3 +109,48 @@ def resize_inputs(geometry: Geometry, spec: ModelSpec) -> dict[str, np.ndarray]:
         "crop_ends": np.array(ends, np.int64),
         "pads": np.array([top, left, 0, bottom, right, 0], np.int64),
     }
+
+
+class DeviceResize:
+    """The serving resize as an ONNX Runtime session on the
+    runner's device: decoded images in, model-input rows out, both in device memory and
+    bound by pointer, so nothing is copied through the host. On the CPU provider it runs
+    the same way on host memory (the stand-in that tests use where there is no GPU)."""
+
+    def __init__(self, spec: ModelSpec, device: str, device_id: int, providers: list[str]):
+        self.spec = spec
+        self.device, self.device_id = device, device_id
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # the nearest-neighbour mode's deprecation notice
+        if device == "cuda":
+            # Every node on the GPU, or no session: a resize that silently ran on the CPU
+            # would copy each decoded image back to the host and forth again.
+            options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+        self._session = ort.InferenceSession(build_resize_graph(spec), options, providers=providers)
+        self._row = [spec.input.height, spec.input.width, 3]
+
+    def new_rows(self, count: int) -> ort.OrtValue:
+        return ort.OrtValue.ortvalue_from_shape_and_type(
+            [count, *self._row], np.uint8, self.device, self.device_id
+        )
+
+    def rows_pointer(self, rows: ort.OrtValue) -> int:
+        return int(rows.data_ptr())
+
+    def resize_into(self, image: DecodedImage, geometry: Geometry, dst: int) -> None:
+        binding = self._session.io_binding()
+        binding.bind_input(
+            "image",
+            self.device,
+            self.device_id,
+            np.uint8,
+            [image.height, image.width, 3],
+            image.pointer,
+        )
+        for name, value in resize_inputs(geometry, self.spec).items():
+            binding.bind_cpu_input(name, value)
+        binding.bind_output("out", self.device, self.device_id, np.uint8, self._row, dst)
+        self._session.run_with_iobinding(binding)
+
+    def read_row(self, row: DeviceRow) -> np.ndarray:
+        return np.asarray(row.rows.numpy()[row.index])

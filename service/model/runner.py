@@ -1,4 +1,5 @@
-"""ONNX Runtime, and nothing else of it anywhere in service/: sessions, providers, IO binding.
+"""ONNX Runtime sessions for a model (with ``sessions``, which makes them, and
+``device_resize``, the only other ONNX Runtime users in service/): IO binding, warm-up.
 
 A ``Runner`` holds one model version: its ModelSpec (read from the file's metadata) and
 ``instances`` ONNX Runtime sessions. Each ``run`` borrows one session, so ``instances``
@@ -31,151 +32,21 @@ import numpy as np
 import onnxruntime as ort
 
 from service.model.cores import cpu_count
+from service.model.device_resize import DeviceResize
 from service.model.errors import InferenceError
-from service.model.gpu_decode import DecodedImage, DevicePreprocessor, DeviceRow
-from service.model.preprocess import Geometry
+from service.model.gpu_decode import DevicePreprocessor, DeviceRow
 from service.model.runner_options import CPU, CUDA, TENSORRT, RunnerOptions
-from service.model.spec import FP16_GATE_METRIC, ModelSpec
+from service.model.sessions import OPT_LEVELS, bare_session, provider_options, select_providers
+from service.model.spec import ModelSpec
 
 log = logging.getLogger(__name__)
-
-
-_OPT_LEVELS = {
-    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-}
 
 
 # Below this single-thread cost per image a model leaves the other cores to decoding.
 LIGHT_MODEL_MS = 2.0
 
 
-def available_providers() -> list[str]:
-    return list(ort.get_available_providers())
-
-
-def select_providers(wanted: Sequence[str]) -> list[str]:
-    """The wanted providers this build offers, in order; CPU is always last resort."""
-    available = set(available_providers())
-    chosen = [p for p in wanted if p in available]
-    if CPU not in chosen:
-        chosen.append(CPU)
-    return chosen
-
-
-def _bare_session(path: Path) -> ort.InferenceSession:
-    """A CPU session without graph optimisation: cheap, for reading what the file says."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    try:
-        return ort.InferenceSession(str(path), options, providers=[CPU])
-    except Exception as exc:  # ORT raises its own Fail/InvalidProtobuf types
-        raise ValueError(f"cannot load {path} into ONNX Runtime: {exc}") from exc
-
-
-def read_metadata(path: Path) -> dict[str, str]:
-    """The model's metadata_props without building a full session's optimized graph."""
-    return dict(_bare_session(path).get_modelmeta().custom_metadata_map)
-
-
-def trt_fp16_enabled(mode: str, spec: ModelSpec) -> bool:
-    """TensorRT FP16 for this model: forced on or off, or (auto) where its gate passed."""
-    if mode in ("on", "off"):
-        return mode == "on"
-    return spec.metrics.get(FP16_GATE_METRIC, 0.0) >= 1.0
-
-
-def provider_options(
-    provider: str, opts: RunnerOptions, spec: ModelSpec, declared_batch: int | None
-) -> dict[str, str]:
-    """The options one execution provider is created with (strings, as ORT takes them)."""
-    if provider == TENSORRT:
-        trt = {
-            "device_id": str(opts.device_id),
-            "trt_fp16_enable": str(trt_fp16_enabled(opts.trt_fp16, spec)),
-        }
-        if declared_batch is None:
-            # Without a profile TensorRT builds an engine for the first shape it sees and
-            # rebuilds (seconds) whenever a batch is larger: one profile covers them all.
-            largest = max(1, opts.max_batch_size)
-            opt = min(largest, opts.opt_batch_size or largest)
-            name, hw = spec.input.name, f"{spec.input.height}x{spec.input.width}x3"
-            trt["trt_profile_min_shapes"] = f"{name}:1x{hw}"
-            trt["trt_profile_opt_shapes"] = f"{name}:{opt}x{hw}"
-            trt["trt_profile_max_shapes"] = f"{name}:{largest}x{hw}"
-        if opts.trt_engine_cache_dir is not None:
-            opts.trt_engine_cache_dir.mkdir(parents=True, exist_ok=True)
-            trt["trt_engine_cache_enable"] = "True"
-            trt["trt_engine_cache_path"] = str(opts.trt_engine_cache_dir)
-            trt["trt_timing_cache_enable"] = "True"
-            trt["trt_timing_cache_path"] = str(opts.trt_engine_cache_dir)
-        return trt
-    if provider == CUDA:
-        return {
-            "device_id": str(opts.device_id),
-            "cudnn_conv_algo_search": opts.cudnn_conv_algo_search,
-            # The default doubles the arena at each growth: every new batch size could
-            # then reserve twice what it needs, for the life of the session.
-            "arena_extend_strategy": "kSameAsRequested",
-        }
-    return {}
-
-
-def ort_version() -> str:
-    return str(ort.__version__)
-
-
 BatchItem = np.ndarray | DeviceRow  # one image of a batch: host pixels or a device row
-
-
-class DeviceResize:
-    """The serving resize (``service.model.device_resize``) as an ONNX Runtime session on the
-    runner's device: decoded images in, model-input rows out, both in device memory and
-    bound by pointer, so nothing is copied through the host. On the CPU provider it runs
-    the same way on host memory (the stand-in that tests use where there is no GPU)."""
-
-    def __init__(self, spec: ModelSpec, device: str, device_id: int, providers: list[str]):
-        from service.model.device_resize import build_resize_graph, resize_inputs
-
-        self._inputs_for = resize_inputs
-        self.spec = spec
-        self.device, self.device_id = device, device_id
-        options = ort.SessionOptions()
-        options.log_severity_level = 3  # the nearest-neighbour mode's deprecation notice
-        if device == "cuda":
-            # Every node on the GPU, or no session: a resize that silently ran on the CPU
-            # would copy each decoded image back to the host and forth again.
-            options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
-        self._session = ort.InferenceSession(build_resize_graph(spec), options, providers=providers)
-        self._row = [spec.input.height, spec.input.width, 3]
-
-    def new_rows(self, count: int) -> ort.OrtValue:
-        return ort.OrtValue.ortvalue_from_shape_and_type(
-            [count, *self._row], np.uint8, self.device, self.device_id
-        )
-
-    def rows_pointer(self, rows: ort.OrtValue) -> int:
-        return int(rows.data_ptr())
-
-    def resize_into(self, image: DecodedImage, geometry: Geometry, dst: int) -> None:
-        binding = self._session.io_binding()
-        binding.bind_input(
-            "image",
-            self.device,
-            self.device_id,
-            np.uint8,
-            [image.height, image.width, 3],
-            image.pointer,
-        )
-        for name, value in self._inputs_for(geometry, self.spec).items():
-            binding.bind_cpu_input(name, value)
-        binding.bind_output("out", self.device, self.device_id, np.uint8, self._row, dst)
-        self._session.run_with_iobinding(binding)
-
-    def read_row(self, row: DeviceRow) -> np.ndarray:
-        return np.asarray(row.rows.numpy()[row.index])
 
 
 class Runner:
@@ -200,7 +71,7 @@ class Runner:
         # The CPU provider needs neither, so a CPU-only runner reads them from its session.
         cpu_only = self.providers == [CPU]
         if not cpu_only:
-            self._read_spec(_bare_session(self.path))
+            self._read_spec(bare_session(self.path))
         first = self._new_session(0)
         if cpu_only:
             self._read_spec(first)
@@ -238,12 +109,12 @@ class Runner:
     def _session_options(self, instance: int) -> ort.SessionOptions:
         opts = self.options
         so = ort.SessionOptions()
-        if opts.graph_optimization not in _OPT_LEVELS:
+        if opts.graph_optimization not in OPT_LEVELS:
             raise ValueError(
-                f"graph_optimization must be one of {', '.join(_OPT_LEVELS)}, "
+                f"graph_optimization must be one of {', '.join(OPT_LEVELS)}, "
                 f"not {opts.graph_optimization!r}"
             )
-        so.graph_optimization_level = _OPT_LEVELS[opts.graph_optimization]
+        so.graph_optimization_level = OPT_LEVELS[opts.graph_optimization]
         so.intra_op_num_threads = self.intra_op_threads
         so.inter_op_num_threads = opts.inter_op_threads
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL

@@ -82,7 +82,7 @@ class RayEngine:
     ):
         import ray
 
-        from service.model.runner import read_metadata
+        from service.model.sessions import read_metadata
         from service.model.spec import ModelSpec
         from service.scoring.local import check_task
 

@@ -37,8 +37,8 @@ def _gpu_available() -> bool:
     """A GPU execution provider in this onnxruntime build and a GPU it may use. Other
     providers do not count: the CPU wheel from PyPI lists AzureExecutionProvider."""
     from service.model.cuda import gpu_present
-    from service.model.runner import available_providers
     from service.model.runner_options import GPU_PROVIDERS
+    from service.model.sessions import available_providers
 
     return bool(GPU_PROVIDERS & set(available_providers())) and gpu_present()
 

@@ -13,7 +13,7 @@ import pytest
 from bench.processes import ServerProcess as _ServerProcess
 from bench.processes import tree_rss_mb
 from service.client import ClassifierClient
-from service.model.runner import read_metadata
+from service.model.sessions import read_metadata
 from service.model.spec import ModelSpec, ResizeMode
 
 

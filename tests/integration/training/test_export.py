@@ -12,7 +12,8 @@ import onnxruntime as ort
 import pytest
 
 from service.model.layout import next_version
-from service.model.runner import Runner, trt_fp16_enabled
+from service.model.runner import Runner
+from service.model.sessions import trt_fp16_enabled
 from service.model.spec import (
     FP16_GATE_METRIC,
     METADATA_KEY,

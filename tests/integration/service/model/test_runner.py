@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from service.model.errors import InferenceError
-from service.model.runner import Runner, read_metadata, select_providers
+from service.model.runner import Runner
 from service.model.runner_options import CPU, CUDA, TENSORRT, RunnerOptions
+from service.model.sessions import read_metadata, select_providers
 
 pytestmark = pytest.mark.slow
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from service.model.runner import provider_options, trt_fp16_enabled
 from service.model.runner_options import CPU, CUDA, TENSORRT, RunnerOptions
+from service.model.sessions import provider_options, trt_fp16_enabled
 from service.model.spec import (
     FP16_GATE_METRIC,
     InputSpec,
