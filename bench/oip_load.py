@@ -24,7 +24,8 @@ import tritonclient.grpc.aio as triton
 
 from bench.load import CpuProbe, CpuWindow, LoadResult, check_loopback, percentiles
 from service.client import ClassifierClient
-from service.model.preprocess import ImageLimits, preprocess_encoded
+from service.model.image_header import ImageLimits
+from service.model.preprocess import preprocess_encoded
 from service.model.spec import ModelSpec
 
 

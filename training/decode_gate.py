@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from service.model.preprocess import UNLIMITED, decode_for_model, preprocess_encoded
+from service.model.image_header import UNLIMITED
+from service.model.preprocess import decode_for_model, preprocess_encoded
 from service.model.runner import Runner
 from service.model.runner_options import CPU, RunnerOptions
 from service.model.spec import DecodeMode, ModelSpec

@@ -24,8 +24,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from service.model.geometry import Geometry
+from service.model.image_header import UNLIMITED
 from service.model.postprocess import heatmap
-from service.model.preprocess import UNLIMITED, Geometry, decode_for_model, resize_to_input
+from service.model.preprocess import decode_for_model, resize_to_input
 from training.activations import layer_outputs, plot_channel_grid
 from training.checkpoint import LoadedModel, model_from_checkpoint
 from training.filter_patterns import filter_patterns

@@ -28,8 +28,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from service.model.geometry import Geometry
 from service.model.postprocess import cam_box
-from service.model.preprocess import Geometry
 from training.checkpoint import LoadedModel
 from training.data import ImageDataset, collate_skipping_failures, eval_decoder, load_dataset
 from training.metrics import compute_metrics

@@ -21,7 +21,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as F
 
-from service.model.preprocess import letterbox_size
+from service.model.geometry import letterbox_size
 from service.model.spec import Interpolation, Preprocessing, ResizeMode
 
 INTERPOLATION = {

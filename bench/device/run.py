@@ -369,7 +369,7 @@ class Run:
             }
             try:
                 from service.model.gpu_decode import device_preprocessor_for
-                from service.model.preprocess import ImageLimits
+                from service.model.image_header import ImageLimits
 
                 started = time.monotonic()
                 device = device_preprocessor_for(gpu, "gpu", ImageLimits())

@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from service.model.geometry import Geometry
 from service.model.gpu_decode import DecodedImage, DeviceRow
-from service.model.preprocess import Geometry
 from service.model.spec import Interpolation, ModelSpec, ResizeMode
 
 OPSET = 18  # Resize's ``antialias`` and ``axes``

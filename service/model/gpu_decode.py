@@ -14,9 +14,9 @@ JPEG, ...), and any image nvImageCodec cannot decode or decodes to an unexpected
 Decoded pixels are held in the decode budget (``max_decode_pixels``) from before the
 decode until their resize is done, as on the CPU.
 
-``DecodedImage`` and ``ImageDecoder`` are the seam: ``NvImageDecoder`` is the real one
-(it needs a CUDA device); tests on machines without one decode with Pillow into host
-memory and run the same resize and batch assembly on ONNX Runtime's CPU provider.
+``DecodedImage`` and ``ImageDecoder`` are the seam (``image_decoders``): ``NvImageDecoder``
+is the real one (it needs a CUDA device); tests on machines without one decode with Pillow
+into host memory and run the same resize and batch assembly on ONNX Runtime's CPU provider.
 
 The pixels differ from the CPU path's by a level or two (nvJPEG's IDCT and upsampling are
 not libjpeg-turbo's, and the resize runs in float, not in Pillow's 8-bit passes):
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import io
 import logging
-import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -40,15 +39,15 @@ from PIL import Image
 
 from service.model.decode_budget import DecodeBudget
 from service.model.errors import ServiceError
-from service.model.preprocess import (
-    _TRANSPOSING_ORIENTATIONS,
-    Geometry,
+from service.model.geometry import Geometry, plan_geometry
+from service.model.image_decoders import NvImageDecoder
+from service.model.image_header import (
+    TRANSPOSING_ORIENTATIONS,
     ImageLimits,
-    _open_header,
-    _orientation,
-    plan_geometry,
-    preprocess_encoded,
+    exif_orientation,
+    open_header,
 )
+from service.model.preprocess import preprocess_encoded
 from service.model.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -108,92 +107,6 @@ class DeviceResize(Protocol):
 
 
 @dataclass(frozen=True)
-class _View:
-    pointer: int
-    height: int
-    width: int
-    owner: Any
-
-
-def _cuda_view(image: Any) -> _View | None:
-    """An nvImageCodec image in device memory as a view; None for anything else."""
-    interface = getattr(image, "__cuda_array_interface__", None)
-    if interface is None:
-        return None
-    shape = tuple(interface["shape"])
-    if len(shape) != 3 or shape[2] != 3 or interface["typestr"] != "|u1":
-        return None
-    height, width = int(shape[0]), int(shape[1])
-    strides = interface.get("strides")
-    if strides is not None and tuple(int(s) for s in strides) != (width * 3, 3, 1):
-        return None  # padded rows or planar: the CPU path takes it
-    return _View(int(interface["data"][0]), height, width, image)
-
-
-class NvImageDecoder:
-    """nvImageCodec decoders on one GPU, a few at once (each with its own CUDA stream)."""
-
-    device = "cuda"
-
-    def __init__(self, device_id: int = 0, decoders: int = 2):
-        from nvidia import nvimgcodec
-
-        from service.model.cuda import CudaRuntime
-
-        self._nvimgcodec = nvimgcodec
-        self._cuda = CudaRuntime.get()
-        self._cuda.set_device(device_id)
-        self._params = nvimgcodec.DecodeParams(
-            apply_exif_orientation=True,
-            color_spec=nvimgcodec.ColorSpec.SRGB,
-            sample_format=nvimgcodec.SampleFormat.I_RGB,
-        )
-        self._free: queue.Queue[tuple[Any, int]] = queue.Queue()
-        for _ in range(max(1, decoders)):
-            decoder = nvimgcodec.Decoder(device_id=device_id)
-            self._free.put((decoder, self._cuda.stream_create()))
-
-    @contextmanager
-    def _borrow(self) -> Iterator[tuple[Any, int]]:
-        pair = self._free.get()
-        try:
-            yield pair
-        finally:
-            self._free.put(pair)
-
-    def decode(self, datas: Sequence[bytes]) -> list[DecodedImage | None]:
-        streams = [self._nvimgcodec.CodeStream(data) for data in datas]
-        with self._borrow() as (decoder, stream):
-            images = decoder.decode(streams, params=self._params, cuda_stream=stream)
-            # Decoding is asynchronous on that stream; the resize runs on ONNX Runtime's.
-            self._cuda.stream_synchronize(stream)
-        return [None if image is None else _cuda_view(image) for image in images]
-
-
-class PillowHostDecoder:
-    """The stand-in where no GPU is: Pillow decodes into host memory (tests, and machines
-    without one). Same interface, same resize and batch code after it."""
-
-    device = "cpu"
-
-    def decode(self, datas: Sequence[bytes]) -> list[DecodedImage | None]:
-        out: list[DecodedImage | None] = []
-        for data in datas:
-            try:
-                with Image.open(io.BytesIO(data)) as image:
-                    from PIL import ImageOps
-
-                    upright = ImageOps.exif_transpose(image).convert("RGB")
-                pixels = np.array(upright)  # its own, contiguous copy
-            except Exception:
-                out.append(None)
-                continue
-            h, w = pixels.shape[:2]
-            out.append(_View(pixels.ctypes.data, h, w, pixels))
-        return out
-
-
-@dataclass(frozen=True)
 class _Candidate:
     position: int  # in the request
     data: bytes
@@ -224,12 +137,12 @@ class DevicePreprocessor:
     def _candidate(
         self, position: int, data: bytes, limits: ImageLimits, index: int
     ) -> _Candidate | None:
-        image = _open_header(data, limits, index)  # the CPU path's limits and errors
+        image = open_header(data, limits, index)  # the CPU path's limits and errors
         try:
             if image.format not in _GPU_FORMATS or image.mode not in _GPU_MODES:
                 return None
             width, height = image.size
-            if _orientation(image) in _TRANSPOSING_ORIENTATIONS:
+            if exif_orientation(image) in TRANSPOSING_ORIENTATIONS:
                 width, height = height, width
         finally:
             image.close()

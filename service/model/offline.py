@@ -25,8 +25,10 @@ import numpy as np
 
 from service.model.cores import cpu_count
 from service.model.errors import ServiceError
+from service.model.geometry import Geometry
 from service.model.gpu_decode import DevicePreprocessor
-from service.model.preprocess import Geometry, ImageLimits, preprocess_encoded
+from service.model.image_header import ImageLimits
+from service.model.preprocess import preprocess_encoded
 from service.model.runner import Runner
 from service.model.spec import ModelSpec
 

@@ -15,7 +15,7 @@ import numpy as np
 from scipy import ndimage
 
 from service.model.errors import InvalidArgumentError
-from service.model.preprocess import Geometry
+from service.model.geometry import Geometry
 from service.model.results import Box, Heatmap, Localization, Prediction
 from service.model.spec import ModelSpec
 

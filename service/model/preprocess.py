@@ -1,39 +1,48 @@
 """Image bytes → the model's uint8 NHWC input: decode, limits, orientation, colour, resize.
 
-This module owns the resize policy on the serving side. Training's eval transform
-(``training.presets``) uses the same geometry functions and the same loader, and a test
-keeps the two equal, so a model sees the same pixels in production as in evaluation.
+This module owns the resize policy on the serving side; ``image_header`` checks the limits
+before anything is decoded, and ``geometry`` plans where the image lands. Training's eval
+transform (``training.presets``) uses the same geometry functions and the same loader, and a
+test keeps the two equal, so a model sees the same pixels in production as in evaluation.
 
 Everything here is pure Python + Pillow + NumPy and thread-safe: the server runs it in a
-thread pool so that decoding overlaps inference (Pillow releases the GIL while decoding
-and resizing).
+thread pool so that decoding overlaps inference (Pillow releases the GIL while decoding and
+resizing).
 """
 
 from __future__ import annotations
 
-import io
 import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from service.model.decode_budget import DecodeBudget
 from service.model.errors import (
     InvalidImageError,
-    LimitExceededError,
     ResourceExhaustedError,
     ServiceError,
+)
+from service.model.geometry import (
+    Geometry,
+    plan_geometry,
+)
+from service.model.image_header import (
+    TRANSPOSING_ORIENTATIONS,
+    UNLIMITED,
+    ImageLimits,
+    check_shape,
+    exif_orientation,
+    open_header,
+    where_in_request,
 )
 from service.model.spec import DecodeMode, Interpolation, ModelSpec, Preprocessing, ResizeMode
 
 T = TypeVar("T")
 
-# Pillow opens MPO (multi-picture JPEG from cameras) through its JPEG plugin.
-SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 
 _RESAMPLE = {
     Interpolation.NEAREST: Image.Resampling.NEAREST,
@@ -41,102 +50,10 @@ _RESAMPLE = {
     Interpolation.BICUBIC: Image.Resampling.BICUBIC,
 }
 
-# EXIF orientations 5..8 swap width and height.
-_EXIF_ORIENTATION_TAG = 0x0112
-_TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
 
-# Our own pixel limit is checked from the header before any decoding; Pillow's global
-# bomb check would otherwise fire first with a less helpful message, so it is disabled
-# and ours is the one in force.
-Image.MAX_IMAGE_PIXELS = None
 # Corrupt EXIF or ICC data makes Pillow warn; that is not the caller's error, and
 # ``warnings.catch_warnings`` per image would not be thread-safe, so they are ignored once.
 warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
-
-# Deflate cannot compress better than 1032:1, so a PNG shorter than its raw pixel bytes
-# over this cannot hold the pixels its header declares: it is truncated or a bomb.
-_DEFLATE_MAX_RATIO = 1032
-_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # by IHDR colour type
-
-
-@dataclass(frozen=True)
-class ImageLimits:
-    max_bytes: int = 20 * 1024 * 1024
-    max_pixels: int = 40_000_000
-    # Longer side over shorter side. A 1x40000 image cannot be centre-cropped or
-    # letterboxed sensibly, and its resize plan would be enormous.
-    max_aspect_ratio: float = 20.0
-    # For models whose ModelSpec decodes fully: decode JPEGs at 1/2, 1/4 or 1/8 scale when
-    # the reduced image is still this many times the resize target on each side (0: never,
-    # the default, which keeps evaluation's pixels). Models that say ``decode: jpeg_draft``
-    # always decode at the smallest scale covering the target, as they were evaluated.
-    jpeg_draft_factor: float = 0.0
-
-
-# What training and evaluation use: no limits a real dataset could hit.
-UNLIMITED = ImageLimits(max_bytes=1 << 40, max_pixels=1 << 40, max_aspect_ratio=float("inf"))
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """How one original image maps onto the model input.
-
-    An original pixel coordinate x maps to ``x * scale_x + offset_x`` in the input tensor
-    (same for y). ``resized`` is the size after the resize step, before crop or pad.
-    """
-
-    original_width: int
-    original_height: int
-    resized_width: int
-    resized_height: int
-    scale_x: float
-    scale_y: float
-    offset_x: float
-    offset_y: float
-
-    def to_original(
-        self, box: tuple[float, float, float, float]
-    ) -> tuple[float, float, float, float]:
-        """Input-pixel xyxy → original-pixel xyxy, clipped to the original image."""
-        x0, y0, x1, y1 = box
-        ox = [(x - self.offset_x) / self.scale_x for x in (x0, x1)]
-        oy = [(y - self.offset_y) / self.scale_y for y in (y0, y1)]
-        w, h = self.original_width, self.original_height
-        return (
-            float(np.clip(ox[0], 0, w)),
-            float(np.clip(oy[0], 0, h)),
-            float(np.clip(ox[1], 0, w)),
-            float(np.clip(oy[1], 0, h)),
-        )
-
-
-def shorter_side_size(width: int, height: int, size: int) -> tuple[int, int]:
-    """torchvision's Resize(int): shorter side to ``size``, longer side truncated."""
-    if width <= height:
-        return size, int(size * height / width)
-    return int(size * width / height), size
-
-
-def letterbox_size(width: int, height: int, target_w: int, target_h: int) -> tuple[int, int]:
-    scale = min(target_w / width, target_h / height)
-    return max(1, round(width * scale)), max(1, round(height * scale))
-
-
-def center_offset(size: int, target: int) -> int:
-    # Same expression as torchvision's center_crop, so both sides crop the same pixels.
-    return round((size - target) / 2.0)
-
-
-def plan_geometry(width: int, height: int, prep: Preprocessing, in_h: int, in_w: int) -> Geometry:
-    if prep.resize_mode is ResizeMode.CENTER_CROP:
-        rw, rh = shorter_side_size(width, height, prep.resize_size)
-        left, top = center_offset(rw, in_w), center_offset(rh, in_h)
-        return Geometry(width, height, rw, rh, rw / width, rh / height, -left, -top)
-    if prep.resize_mode is ResizeMode.LETTERBOX:
-        rw, rh = letterbox_size(width, height, in_w, in_h)
-        left, top = (in_w - rw) // 2, (in_h - rh) // 2
-        return Geometry(width, height, rw, rh, rw / width, rh / height, left, top)
-    return Geometry(width, height, in_w, in_h, in_w / width, in_h / height, 0.0, 0.0)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -165,88 +82,6 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _where(index: int | None) -> str:
-    return "" if index is None else f"image {index}: "
-
-
-def check_shape(width: int, height: int, limits: ImageLimits, index: int | None = None) -> None:
-    """The limits a declared size must meet before anything is decoded or allocated."""
-    if width <= 0 or height <= 0:
-        raise InvalidImageError(f"image has no pixels ({width}x{height})", index=index)
-    if width * height > limits.max_pixels:
-        raise LimitExceededError(
-            f"pixel count ({width}x{height})",
-            width * height,
-            limits.max_pixels,
-            setting="max_image_pixels",
-            index=index,
-        )
-    aspect = max(width, height) / min(width, height)
-    if aspect > limits.max_aspect_ratio:
-        raise InvalidImageError(
-            f"aspect ratio ({width}x{height}) is {aspect:,.0f}:1, over the limit of "
-            f"{limits.max_aspect_ratio:g}:1 (max_image_aspect_ratio): too thin to resize "
-            "sensibly",
-            index=index,
-        )
-
-
-def _check_png_payload(data: bytes, width: int, height: int, index: int | None) -> None:
-    if len(data) < 26:
-        return  # Pillow would not have opened it; nothing to check
-    bit_depth, colour_type = data[24], data[25]
-    channels = _PNG_CHANNELS.get(colour_type)
-    if channels is None:
-        return
-    raw_bytes = height * (1 + (width * channels * bit_depth + 7) // 8)
-    if len(data) * _DEFLATE_MAX_RATIO < raw_bytes:
-        raise InvalidImageError(
-            f"PNG declares {width}x{height} pixels ({raw_bytes:,} bytes of image data), "
-            f"which {len(data):,} bytes cannot hold: truncated or a decompression bomb",
-            index=index,
-        )
-
-
-def _open_header(data: bytes, limits: ImageLimits, index: int | None) -> Image.Image:
-    """Parse the header only (no pixels yet) and check the byte and shape limits."""
-    if not data:
-        raise InvalidImageError("empty image bytes", index=index)
-    if len(data) > limits.max_bytes:
-        raise LimitExceededError(
-            "encoded size in bytes",
-            len(data),
-            limits.max_bytes,
-            setting="max_image_bytes",
-            index=index,
-        )
-    # Raised after the except block, for the reason given in ``_translated``.
-    failure = None
-    try:
-        image = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
-    except UnidentifiedImageError:
-        failure = "not a decodable image (supported formats: JPEG, PNG, WebP, BMP, GIF, TIFF)"
-    except Exception as exc:  # Pillow raises many types for malformed headers
-        failure = f"cannot read image header: {exc}"
-    if failure is not None:
-        raise InvalidImageError(failure, index=index)
-    try:
-        width, height = image.size
-        check_shape(width, height, limits, index)
-        if image.format == "PNG":
-            _check_png_payload(data, width, height, index)
-    except BaseException:
-        image.close()
-        raise
-    return image
-
-
-def _orientation(image: Image.Image) -> int:
-    try:
-        return int(image.getexif().get(_EXIF_ORIENTATION_TAG, 1))
-    except Exception:  # corrupt EXIF: show the image as stored
-        return 1
-
-
 def _translated(work: Callable[[], T], action: str, subject: str, index: int | None) -> T:
     """``work()``, its failures reported as this image's errors ("cannot decode PNG image:
     ...", or "not enough memory" as RESOURCE_EXHAUSTED), never as the server's.
@@ -262,7 +97,7 @@ def _translated(work: Callable[[], T], action: str, subject: str, index: int | N
         raise
     except MemoryError:
         failure = ResourceExhaustedError(
-            f"{_where(index)}not enough memory to {action} the image; retry later"
+            f"{where_in_request(index)}not enough memory to {action} the image; retry later"
         )
     except Exception as exc:
         failure = InvalidImageError(f"cannot {action} {subject}: {exc}", index=index)
@@ -279,7 +114,7 @@ def _decode_upright_rgb(
 
     def decode() -> Image.Image:
         image.load()  # the first frame of animated GIF/WebP and multi-page TIFF
-        turn = _orientation(image) if orientation is None else orientation
+        turn = exif_orientation(image) if orientation is None else orientation
         current = ImageOps.exif_transpose(image) if turn != 1 else image
         try:
             rgb = to_rgb(current)
@@ -304,7 +139,7 @@ def open_image(
     resized to; JPEGs at least ``draft_factor`` (default: the limits') times larger than
     that are decoded at a reduced scale.
     """
-    image = _open_header(data, limits, index)
+    image = open_header(data, limits, index)
     factor = limits.jpeg_draft_factor if draft_factor is None else draft_factor
     try:
         orientation = _prepare_decode(image, draft_target, factor)
@@ -331,7 +166,7 @@ def _prepare_decode(
     """
     if image.format not in ("JPEG", "MPO"):
         return None
-    orientation = _orientation(image)
+    orientation = exif_orientation(image)
     if draft_target is not None and factor > 0:
         target = draft_target(*image.size)
         _apply_draft(image, target, orientation, factor)
@@ -344,7 +179,7 @@ def _apply_draft(
     if factor <= 0:
         return
     tw, th = target
-    if orientation in _TRANSPOSING_ORIENTATIONS:
+    if orientation in TRANSPOSING_ORIENTATIONS:
         tw, th = th, tw
     # draft() picks the largest reduction keeping both sides >= the requested size.
     request = (int(tw * factor), int(th * factor))
@@ -447,7 +282,7 @@ def preprocess_encoded(
     Pillow image made on the way is closed before this returns or raises, so a failed
     image's pixels never outlive the call.
     """
-    image = _open_header(data, limits, index)
+    image = open_header(data, limits, index)
     try:
         factor = draft_factor_for(spec.preprocessing, limits)
         orientation = _prepare_decode(image, resize_target_for(spec), factor)

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+from service.model.geometry import Geometry
 from service.model.offline import run_pipeline
 from service.model.postprocess import locate, top_k
-from service.model.preprocess import Geometry
 from service.model.runner import Runner
 from service.model.spec import ModelSpec
 from service.scoring.rows import Row

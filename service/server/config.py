@@ -26,7 +26,7 @@ from pydantic_settings import (
 
 from service.model.cores import cpu_count
 from service.model.flags import NONE_WORDS, add_model_flags, collect_flag_values
-from service.model.preprocess import ImageLimits
+from service.model.image_header import ImageLimits
 from service.model.runner_options import DEFAULT_PROVIDERS, GPU_PROVIDERS, RunnerOptions
 
 ENV_PREFIX = "CLASSIFIER_"

@@ -30,7 +30,7 @@ from service.model.spec import ModelSpec
 from service.server.calls import CallInfo
 from service.server.config import Settings
 from service.server.online import ImageSource, RequestPipeline
-from service.server.repository import ModelRepository, ModelVersion, VersionState
+from service.server.repository import ModelRepository
 from service.server.tensors import (
     InputTensor,
     OutputRequest,
@@ -43,6 +43,7 @@ from service.server.tensors import (
     model_outputs,
     outputs_for,
 )
+from service.server.versions import ModelVersion, VersionState
 
 SERVER_NAME = "imgclf"
 PLATFORM = "onnxruntime_onnx"

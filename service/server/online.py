@@ -44,15 +44,17 @@ from service.model.errors import (
     ServerBusyError,
     ServiceError,
 )
+from service.model.geometry import Geometry
 from service.model.gpu_decode import DevicePreprocessor
+from service.model.image_header import ImageLimits
 from service.model.memory import FreedMemory
-from service.model.preprocess import Geometry, ImageLimits, preprocess_encoded, preprocess_raw
+from service.model.preprocess import preprocess_encoded, preprocess_raw
 from service.model.spec import ModelSpec
 from service.server.calls import CallInfo
 from service.server.config import Settings
 from service.server.metrics import Metrics
-from service.server.repository import ModelVersion
 from service.server.status import drop_references
+from service.server.versions import ModelVersion
 
 log = logging.getLogger(__name__)
 

@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from service.model.errors import InvalidArgumentError
+from service.model.geometry import Geometry
 from service.model.postprocess import locate, top_k
-from service.model.preprocess import Geometry
 from service.model.spec import ModelSpec
 
 BYTES_INPUT = "image_bytes"

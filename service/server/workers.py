@@ -47,7 +47,6 @@ import signal
 import socket
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -55,6 +54,7 @@ from typing import Any
 
 from service.model.cores import cpu_count
 from service.server.config import Settings
+from service.server.worker_metrics import ServedOnly
 
 log = logging.getLogger(__name__)
 
@@ -376,37 +376,6 @@ class Supervisor:
         counter = getattr(self, "_restarts", None)
         if counter is not None:
             counter.inc()
-
-
-class ServedOnly:
-    """Every worker's metrics added up, showing only served model names and versions.
-
-    prometheus_client's multiprocess files keep every label set a worker ever wrote, so
-    the series of a version that was unloaded would live on; this keeps what a live
-    worker reports serving (or loading, or failing) and the fixed ``_unknown``/``""``.
-    """
-
-    def __init__(self, directory: Path, served: Any):
-        from prometheus_client.multiprocess import MultiProcessCollector
-
-        self.inner = MultiProcessCollector(None, path=str(directory))
-        self.served = served
-
-    def collect(self) -> Iterator[Any]:
-        versions, models = self.served()
-        for family in self.inner.collect():
-            family.samples = [s for s in family.samples if _shown(s.labels, versions, models)]
-            yield family
-
-
-def _shown(labels: dict[str, str], versions: set[tuple[str, str]], models: set[str]) -> bool:
-    model = labels.get("model")
-    if model is None or model in ("", "_unknown"):
-        return True
-    if model not in models:
-        return False
-    version = labels.get("version", "")
-    return version == "" or (model, version) in versions
 
 
 def supervise(settings: Settings) -> int:

@@ -19,7 +19,8 @@ import pytest
 from PIL import Image
 
 from service.model.cuda import gpu_present
-from service.model.preprocess import ImageLimits, preprocess_encoded
+from service.model.image_header import ImageLimits
+from service.model.preprocess import preprocess_encoded
 from service.model.runner import Runner
 from service.model.runner_options import CPU, CUDA, RunnerOptions
 
@@ -62,7 +63,7 @@ def gpu_runner(quick_model: dict[str, Path]) -> Runner:
 def test_nvimagecodec_decodes_into_device_memory_close_to_pillow(
     quick_model: dict[str, Path], gpu_runner: Runner
 ) -> None:
-    from service.model.gpu_decode import NvImageDecoder
+    from service.model.image_decoders import NvImageDecoder
 
     decoder = NvImageDecoder(0)
     datas = val_images(quick_model, 16)

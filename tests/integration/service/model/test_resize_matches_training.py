@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.model.preprocess import ImageLimits, load_for_model, preprocess_encoded
+from service.model.image_header import ImageLimits
+from service.model.preprocess import load_for_model, preprocess_encoded
 from service.model.runner import Runner
 from service.model.runner_options import CPU, RunnerOptions
 from service.model.spec import DecodeMode

@@ -18,7 +18,8 @@ import tritonclient.http as thttp
 from tritonclient.grpc import service_pb2
 from tritonclient.utils import InferenceServerException
 
-from service.model.preprocess import ImageLimits, preprocess_encoded
+from service.model.image_header import ImageLimits
+from service.model.preprocess import preprocess_encoded
 from service.model.sessions import read_metadata
 from service.model.spec import ModelSpec
 from tests.integration.service.conftest import ServerProcess, copy_model

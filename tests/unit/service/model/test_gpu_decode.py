@@ -15,13 +15,10 @@ from PIL import Image
 from service.model.cuda import gpu_present
 from service.model.decode_budget import DecodeBudget
 from service.model.errors import InvalidImageError, LimitExceededError
-from service.model.gpu_decode import (
-    DevicePreprocessor,
-    DeviceRow,
-    PillowHostDecoder,
-    device_preprocessor_for,
-)
-from service.model.preprocess import ImageLimits, preprocess_encoded
+from service.model.gpu_decode import DevicePreprocessor, DeviceRow, device_preprocessor_for
+from service.model.image_decoders import PillowHostDecoder
+from service.model.image_header import ImageLimits
+from service.model.preprocess import preprocess_encoded
 from service.model.runner import Runner
 from service.model.runner_options import CPU, RunnerOptions
 from service.model.spec import ResizeMode
@@ -172,7 +169,7 @@ def test_the_request_pipeline_sends_encoded_images_to_the_device_and_keeps_order
     from service.server.config import load_settings
     from service.server.metrics import Metrics
     from service.server.online import RequestPipeline
-    from service.server.repository import ModelVersion
+    from service.server.versions import ModelVersion
 
     runner.device_preprocessor = DevicePreprocessor(
         runner.spec, PillowHostDecoder(), runner.device_resize()

@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from service.model.geometry import plan_geometry
 from service.model.postprocess import (
     BOX_SOURCE_CAM,
     BOX_SOURCE_REGRESSION,
@@ -16,7 +17,6 @@ from service.model.postprocess import (
     regression_box,
     top_k,
 )
-from service.model.preprocess import plan_geometry
 from service.model.spec import InputSpec, ModelSpec, OutputSpec, Preprocessing, ResizeMode, Task
 
 

@@ -13,10 +13,10 @@ from PIL import Image
 
 from service.model.decode_budget import DecodeBudget
 from service.model.errors import InvalidImageError, LimitExceededError
+from service.model.geometry import plan_geometry
+from service.model.image_header import ImageLimits
 from service.model.preprocess import (
-    ImageLimits,
     open_image,
-    plan_geometry,
     preprocess_encoded,
     preprocess_raw,
     resize_target_for,

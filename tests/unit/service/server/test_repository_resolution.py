@@ -15,7 +15,8 @@ import pytest
 from service.model.errors import InvalidArgumentError, NotFoundError, UnavailableError
 from service.server.config import Settings
 from service.server.metrics import Metrics
-from service.server.repository import ModelRepository, ModelVersion, VersionState
+from service.server.repository import ModelRepository
+from service.server.versions import ModelVersion, VersionState
 
 
 def repository(tmp_path: Path, **settings: object) -> ModelRepository:
