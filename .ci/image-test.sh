@@ -71,14 +71,8 @@ step "build --target cpu (context: the tracked and untracked, not ignored, files
 rm -rf "$W/src"; mkdir -p "$W/src"
 git ls-files -z -co --exclude-standard | tar --null --ignore-failed-read -T - -cf - | tar -x -C "$W/src"
 printf '[global]\ncert = /etc/ssl/certs/ca-certificates.crt\n' >"$W/pip.conf"
-BUILD_STARTED=$(date +%s)
-(cd "$W/src" && "${BUILDAH[@]}" bud --format docker --pull-never --isolation chroot "${ULIMITS[@]}" \
-    -v /etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/ca-certificates.crt:ro \
-    -v "$W/pip.conf:/etc/pip.conf:ro" \
-    --target cpu -t "$IMAGE" -f Dockerfile .) >"$W/build.log" 2>&1 \
-    || { tail -40 "$W/build.log"; fail "the cpu target does not build"; }
+build_target cpu "$IMAGE"
 SIZE=$("${PODMAN[@]}" image inspect "$IMAGE" --format '{{.Size}}')
-echo "built in $(( $(date +%s) - BUILD_STARTED )) s; image size: $SIZE bytes ($(( SIZE / 1000000 )) MB)"
 
 step "run: models read-only at /models, ports on 127.0.0.1"
 rm -rf "$W/models"; mkdir -p "$W/models"; cp -a models/demo "$W/models/"

@@ -22,3 +22,17 @@ runtime = "runc"
 cgroup_manager = "cgroupfs"
 events_logger = "file"
 EOF
+
+# build_target TARGET IMAGE: the Dockerfile's TARGET from the build context in $W/src (made
+# by .ci/image-test.sh), pip trusting the host's CA bundle for the build only; prints the
+# time and size, and exits (through the caller's `fail`) with the log's tail if it fails.
+build_target() {
+    local target=$1 image=$2 started log=$W/build-$1.log size
+    started=$(date +%s)
+    (cd "$W/src" && "${BUILDAH[@]}" bud --format docker --pull-never --isolation chroot \
+        "${ULIMITS[@]}" -v /etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/ca-certificates.crt:ro \
+        -v "$W/pip.conf:/etc/pip.conf:ro" --target "$target" -t "$image" -f Dockerfile .) \
+        >"$log" 2>&1 || { tail -40 "$log"; fail "the $target target does not build"; }
+    size=$("${PODMAN[@]}" image inspect "$image" --format '{{.Size}}')
+    echo "built in $(( $(date +%s) - started )) s; image size: $size bytes ($(( size / 1000000 )) MB)"
+}

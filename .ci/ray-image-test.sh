@@ -23,14 +23,8 @@ ls models/demo/*/model.onnx >/dev/null 2>&1 || fail "no models/demo: run make de
 [ -d "$W/src" ] || fail "no build context in $W/src: run .ci/image-test.sh first"
 
 step "build --target ray"
-STARTED=$(date +%s)
-(cd "$W/src" && "${BUILDAH[@]}" bud --format docker --pull-never --isolation chroot "${ULIMITS[@]}" \
-    -v /etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/ca-certificates.crt:ro \
-    -v "$W/pip.conf:/etc/pip.conf:ro" \
-    --target ray -t "$IMAGE" -f Dockerfile .) >"$W/ray-build.log" 2>&1 \
-    || { tail -40 "$W/ray-build.log"; fail "the ray target does not build"; }
+build_target ray "$IMAGE"
 SIZE=$("${PODMAN[@]}" image inspect "$IMAGE" --format '{{.Size}}')
-echo "built in $(( $(date +%s) - STARTED )) s; image size: $SIZE bytes ($(( SIZE / 1000000 )) MB)"
 
 step "data every node reads: the model repository and 120 images (a shared volume)"
 rm -rf "$W/ray-data"; mkdir -p "$W/ray-data/images" "$W/ray-data/out"
