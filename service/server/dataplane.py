@@ -216,7 +216,6 @@ class DataPlane:
     def model_config(self, call: CallInfo, name: str, version: str) -> ModelConfiguration:
         entry, s = self._resolve(call, name, version), self.settings
         shapes = entry.runner.output_shapes if entry.runner else None
-        providers = entry.runner.active_providers if entry.runner else []
         return ModelConfiguration(
             name=entry.name,
             platform=PLATFORM,
@@ -228,7 +227,7 @@ class DataPlane:
             max_queue_delay_us=s.max_queue_delay_us,
             preferred_batch_sizes=list(s.preferred_batch_sizes),
             instances=s.instances,
-            on_gpu=bool(providers) and providers[0] != "CPUExecutionProvider",
+            on_gpu=entry.runner.on_gpu if entry.runner else False,
             version_policy=s.version_policy,
             versions=list(s.versions.get(entry.name, [])),
         )

@@ -128,10 +128,15 @@ def committed_shards(out: Path) -> int:
     return len(list(parts.glob("part-*.jsonl"))) if parts.is_dir() else 0
 
 
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+def wait_for(
+    condition: Callable[[], bool], timeout: float, what: str, job: subprocess.Popen[bytes]
+) -> None:
+    """Until ``condition`` holds; the job is killed if it never does."""
     deadline = time.monotonic() + timeout
     while not condition():
-        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        if time.monotonic() >= deadline:
+            job.kill()
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.1)
 
 
@@ -178,11 +183,7 @@ def test_losing_a_worker_node_whose_actor_runs_a_batch_the_job_finishes_by_itsel
     out, log = tmp_path / "scores.jsonl", tmp_path / "job.log"
     job = start_on_cluster(quick_model, images, out, cluster, log)
     victim = next(iter(cluster.worker_nodes))
-    try:
-        wait_for(lambda: running_batch(victim), 120, "a batch running on the node to lose")
-    except AssertionError:
-        job.kill()
-        raise
+    wait_for(lambda: running_batch(victim), 120, "a batch running on the node to lose", job)
     before = committed_shards(out)
     assert before < SHARDS and job.poll() is None, "the job ended before the node was lost"
     # Its raylet, object store and workers, killed at once (a machine lost, not drained).
@@ -202,11 +203,7 @@ def test_a_driver_killed_mid_job_is_resumed_by_a_rerun_exactly_once(
 ) -> None:
     out, log = tmp_path / "scores.jsonl", tmp_path / "job.log"
     job = start_on_cluster(quick_model, images, out, cluster, log)
-    try:
-        wait_for(lambda: committed_shards(out) >= 2, 120, "two committed shards")
-    except AssertionError:
-        job.kill()
-        raise
+    wait_for(lambda: committed_shards(out) >= 2, 120, "two committed shards", job)
     assert job.poll() is None, "the job ended before its driver was killed"
     os.kill(job.pid, signal.SIGKILL)  # the driver only: the cluster keeps running
     job.wait()

@@ -4,6 +4,7 @@ binary-data extension, request ids, and the token check. No server, no port."""
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Iterator
 
@@ -59,8 +60,6 @@ def test_model_metadata_ready_and_config(served: tuple[TestClient, Plane]) -> No
 
 def test_infer_with_json_tensors_and_with_binary_data(served: tuple[TestClient, Plane]) -> None:
     client, _ = served
-    import base64
-
     image = jpeg((200, 100, 0))
     body = {
         "id": "q1",
