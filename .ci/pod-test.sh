@@ -97,8 +97,8 @@ publish 1
 step "podman kube play (ConfigMap and Deployment)"
 STARTED=$(date +%s)
 "${PODMAN[@]}" kube play "$KUBE" >"$W/pod/play.log" 2>&1 || { cat "$W/pod/play.log"; fail "kube play"; }
-POD=$("${PODMAN[@]}" pod ps --format '{{.Name}}' | grep '^imgclf' | head -1)
-CONTAINER=$("${PODMAN[@]}" ps -a --filter "pod=$POD" --format '{{.Names}}' | grep -v infra | head -1)
+POD=$("${PODMAN[@]}" pod ps --format '{{.Name}}' | awk '/^imgclf/ && !n++')
+CONTAINER=$("${PODMAN[@]}" ps -a --filter "pod=$POD" --format '{{.Names}}' | awk '!/infra/ && !n++')
 [ -n "$CONTAINER" ] || { "${PODMAN[@]}" ps -a; fail "no classifier container in pod ${POD:-?}"; }
 echo "pod $POD, container $CONTAINER"
 client() { "$PY" -m service.client --target "127.0.0.1:$GRPC_PORT" "$@"; }
@@ -146,8 +146,13 @@ grep -q "$(basename "$JPEG")" "$W/pod/classify.txt" || fail "gRPC Classify answe
 curl -sf --data-binary "@$JPEG" -H 'Content-Type: image/jpeg' \
     "http://127.0.0.1:$HTTP_PORT/v1/models/demo:classify?top_k=1" | tee "$W/pod/rest.json"; echo
 grep -q '"version":"1"' "$W/pod/rest.json" || fail "REST classify did not answer from version 1"
-curl -sf "http://127.0.0.1:$METRICS_PORT/metrics" | grep -q '^classifier_requests_total' \
-    || fail "/metrics on the metrics port"
+# To a file, not a pipe: `grep -q` stops reading at the first match, and curl, still
+# writing a page larger than the pipe's buffer, then fails with EPIPE, failing the pipeline.
+curl -sf "http://127.0.0.1:$METRICS_PORT/metrics" -o "$W/pod/metrics.txt" \
+    || fail "/metrics on the metrics port did not answer"
+grep -q '^classifier_requests_total' "$W/pod/metrics.txt" \
+    || fail "/metrics on the metrics port has no classifier_requests_total"
+echo "/metrics: $(wc -c <"$W/pod/metrics.txt") bytes, classifier_requests_total present"
 
 step "a second version published into the claim is served (the manifest polls every 30 s)"
 PUBLISHED=$(date +%s)
