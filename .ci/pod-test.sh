@@ -148,10 +148,15 @@ curl -sf --data-binary "@$JPEG" -H 'Content-Type: image/jpeg' \
 grep -q '"version":"1"' "$W/pod/rest.json" || fail "REST classify did not answer from version 1"
 # To a file, not a pipe: `grep -q` stops reading at the first match, and curl, still
 # writing a page larger than the pipe's buffer, then fails with EPIPE, failing the pipeline.
-curl -sf "http://127.0.0.1:$METRICS_PORT/metrics" -o "$W/pod/metrics.txt" \
-    || fail "/metrics on the metrics port did not answer"
-grep -q '^classifier_requests_total' "$W/pod/metrics.txt" \
-    || fail "/metrics on the metrics port has no classifier_requests_total"
+CURL_RC=0
+HTTP_CODE=$(curl -s -o "$W/pod/metrics.txt" -w '%{http_code}' \
+    "http://127.0.0.1:$METRICS_PORT/metrics") || CURL_RC=$?
+if [ "$CURL_RC" != 0 ] || [ "$HTTP_CODE" != 200 ] \
+    || ! grep -q '^classifier_requests_total' "$W/pod/metrics.txt"; then
+    grep '^classifier_requests\|^classifier_model_ready' "$W/pod/metrics.txt" || head -c 600 "$W/pod/metrics.txt"
+    "${PODMAN[@]}" logs "$CONTAINER" 2>&1 | tail -20
+    fail "/metrics on the metrics port: curl exit $CURL_RC, HTTP $HTTP_CODE, classifier_requests_total above?"
+fi
 echo "/metrics: $(wc -c <"$W/pod/metrics.txt") bytes, classifier_requests_total present"
 
 step "a second version published into the claim is served (the manifest polls every 30 s)"

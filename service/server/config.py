@@ -27,20 +27,11 @@ from pydantic_settings import (
 from service.model.cores import cpu_count
 from service.model.flags import NONE_WORDS, add_model_flags, collect_flag_values
 from service.model.image_header import ImageLimits
-from service.model.runner_options import DEFAULT_PROVIDERS, GPU_PROVIDERS, RunnerOptions
+from service.model.runner_options import DEFAULT_PROVIDERS, RunnerOptions
+from service.server.config_rules import auto_worker_count, check_consistent
 
 ENV_PREFIX = "CLASSIFIER_"
 _yaml_file: ContextVar[Path | None] = ContextVar("_yaml_file", default=None)
-
-
-def _gpu_available() -> bool:
-    """A GPU execution provider in this onnxruntime build and a GPU it may use. Other
-    providers do not count: the CPU wheel from PyPI lists AzureExecutionProvider."""
-    from service.model.cuda import gpu_present
-    from service.model.runner_options import GPU_PROVIDERS
-    from service.model.sessions import available_providers
-
-    return bool(GPU_PROVIDERS & set(available_providers())) and gpu_present()
 
 
 class ConfigError(ValueError):
@@ -310,44 +301,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
-        too_big = [v for v in self.preferred_batch_sizes if v > self.max_batch_size]
-        if too_big:
-            raise ValueError(
-                f"preferred_batch_sizes {too_big} exceed max_batch_size {self.max_batch_size}"
-            )
-        if self.version_policy == "specific" and not self.versions:
-            raise ValueError("version_policy 'specific' needs versions, e.g. {demo: [1, 2]}")
-        if self.max_image_bytes > self.max_receive_message_bytes:
-            raise ValueError(
-                f"max_image_bytes ({self.max_image_bytes}) exceeds "
-                f"max_receive_message_bytes ({self.max_receive_message_bytes})"
-            )
-        if self.max_queue_size < self.max_images_per_request:
-            # Otherwise a request of max_images_per_request images could never be admitted
-            # and would be told "retry later" forever.
-            raise ValueError(
-                f"max_queue_size ({self.max_queue_size}) is smaller than "
-                f"max_images_per_request ({self.max_images_per_request})"
-            )
-        if self.max_decode_pixels < self.max_image_pixels:
-            raise ValueError(
-                f"max_decode_pixels ({self.max_decode_pixels:,}) is smaller than "
-                f"max_image_pixels ({self.max_image_pixels:,}): the largest allowed image "
-                "could never be decoded"
-            )
-        if self.max_inflight_bytes < self.max_image_bytes:
-            raise ValueError(
-                f"max_inflight_bytes ({self.max_inflight_bytes:,}) is smaller than "
-                f"max_image_bytes ({self.max_image_bytes:,})"
-            )
-        if (self.tls_cert is None) != (self.tls_key is None):
-            raise ValueError("tls_cert and tls_key go together: give both or neither")
-        if self.tls_client_ca is not None and self.tls_cert is None:
-            raise ValueError("tls_client_ca (mTLS) needs tls_cert and tls_key")
-        for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file"):
-            path = getattr(self, name)
-            if path is not None and not Path(path).is_file():
-                raise ValueError(f"{name} {path} is not a readable file")
+        check_consistent(self)
         return self
 
     @classmethod
@@ -373,15 +327,8 @@ class Settings(BaseSettings):
         return self.preprocess_threads or 2 * cpu_count()
 
     def worker_count(self) -> int:
-        """``workers``, with 0 resolved: one per core on CPU. With a GPU provider first,
-        one: every worker would hold its own CUDA context and engines (hundreds of MB of
-        device memory each) and split the GPU's batches, and one process already feeds a
-        GPU far faster than it decodes JPEGs on these few cores (unmeasured here: no GPU)."""
-        if self.workers:
-            return self.workers
-        if self.providers[0] in GPU_PROVIDERS and _gpu_available():
-            return 1
-        return cpu_count()
+        """``workers``, with 0 ("auto") resolved by ``auto_worker_count``."""
+        return self.workers or auto_worker_count(self.providers)
 
     def image_limits(self) -> ImageLimits:
         return ImageLimits(

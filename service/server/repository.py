@@ -37,12 +37,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from service.model.errors import InvalidArgumentError, NotFoundError, UnavailableError
-from service.model.gpu_decode import device_preprocessor_for
 from service.model.layout import MODEL_FILE, scan
-from service.model.runner import Runner
 from service.model.runner_options import RunnerOptions
-from service.server.batching import BatcherConfig, DynamicBatcher
 from service.server.config import Settings
+from service.server.loading import open_runner, settled_fingerprint, start_batcher
 from service.server.metrics import Metrics
 from service.server.versions import (
     Fingerprint,
@@ -52,9 +50,6 @@ from service.server.versions import (
 )
 
 log = logging.getLogger(__name__)
-
-# A file still changing after this long is left for the next rescan.
-SETTLE_GIVE_UP_SECONDS = 30.0
 
 
 class ModelRepository:
@@ -192,7 +187,9 @@ class ModelRepository:
             return True  # a changed file that already failed; the old one keeps serving
         if failed is not None and failed.fingerprint == fingerprint:
             return False  # known bad; retried when the file changes
-        settled = await self._settled(path, fingerprint)
+        settled = await settled_fingerprint(
+            path, fingerprint, self.settings.repository_settle_seconds
+        )
         if settled is None:
             return current is not None
         loaded = await self._load(name, version, path, settled)
@@ -205,23 +202,6 @@ class ModelRepository:
         self.metrics.child(self.metrics.model_ready, name, str(version)).set(1)
         return True
 
-    async def _settled(self, path: Path, fingerprint: Fingerprint) -> Fingerprint | None:
-        """The fingerprint once the file has stopped changing (None: still changing)."""
-        settle = self.settings.repository_settle_seconds
-        give_up = time.monotonic() + SETTLE_GIVE_UP_SECONDS
-        while True:
-            age = time.time() - fingerprint.mtime_ns / 1e9
-            if age >= settle:
-                return fingerprint
-            await asyncio.sleep(settle - age)
-            again = Fingerprint.of(path)
-            if again == fingerprint:
-                return fingerprint
-            if again is None or time.monotonic() > give_up:
-                log.warning("%s is still being written; not loaded yet", path)
-                return None
-            fingerprint = again
-
     async def _load(
         self, name: str, version: int, path: Path, fingerprint: Fingerprint
     ) -> ModelVersion | None:
@@ -232,7 +212,7 @@ class ModelRepository:
             self.metrics.child(self.metrics.model_ready, name, str(version)).set(0)
         started = time.monotonic()
         try:
-            runner = await asyncio.to_thread(self._open, path)
+            runner = await asyncio.to_thread(open_runner, path, self.settings, self.runner_options)
         except Exception as exc:
             self._record_failure(entry, str(exc))
             return None
@@ -242,24 +222,14 @@ class ModelRepository:
             # Replaced while it loaded: what was loaded may be neither file. Next rescan.
             log.info("%s changed while it loaded; it is loaded again on the next rescan", path)
             return None
-        s = self.settings
-        max_batch = min(s.max_batch_size, runner.max_batch_size or s.max_batch_size)
-        config = BatcherConfig(
-            max_batch_size=max_batch,
-            max_queue_delay_us=s.max_queue_delay_us,
-            preferred_batch_sizes=tuple(b for b in s.preferred_batch_sizes if b <= max_batch),
-            max_queue_size=s.max_queue_size,
-            concurrency=s.instances,
-        )
         entry.runner = runner
-        entry.batcher = DynamicBatcher(
+        entry.batcher = start_batcher(
             f"{name}/{version}",
-            runner.run_items,
-            config,
+            runner,
+            self.settings,
             self.executor,
             MetricHooks(self.metrics, name, str(version)),
         )
-        entry.batcher.start()
         entry.state = VersionState.READY
         self._failures.pop(key, None)
         seconds = time.monotonic() - started
@@ -270,7 +240,7 @@ class ModelRepository:
             version,
             seconds,
             runner.active_providers,
-            max_batch,
+            entry.batcher.config.max_batch_size,
         )
         return entry
 
@@ -295,18 +265,6 @@ class ModelRepository:
         self._failures[(name, version)] = entry
         self.metrics.child(self.metrics.model_ready, name, str(version)).set(0)
         log.error("model %s version %d failed to load: %s", name, version, error)
-
-    def _open(self, path: Path) -> Runner:
-        runner = Runner(path, self.runner_options)
-        s = self.settings
-        limit = min(s.max_batch_size, runner.max_batch_size or s.max_batch_size)
-        sizes = runner.warmup_sizes(limit, s.preferred_batch_sizes)
-        runner.warmup(sizes)
-        log.info("warmed up %s at batch sizes %s", path, sizes)
-        runner.device_preprocessor = device_preprocessor_for(
-            runner, s.decode_device, s.image_limits(), s.gpu_decoders
-        )
-        return runner
 
     # --- retiring --------------------------------------------------------------------
 
