@@ -55,12 +55,39 @@ class BatcherConfig:
     concurrency: int = 1
 
 
+@dataclass(frozen=True)
+class BatchTiming:
+    """Where one batch's time went, in seconds (Triton's batch statistics): ``input``,
+    from the batch's dispatch until the runner starts on it in the executor; ``infer``,
+    the runner (assembling the batch, host→device copies and ONNX Runtime; the runner does
+    them in one call); ``output``, splitting the outputs into rows and answering them."""
+
+    input: float
+    infer: float
+    output: float
+
+    @property
+    def total(self) -> float:
+        return self.input + self.infer + self.output
+
+
+class BatchRow(dict[str, np.ndarray]):
+    """One image's output row, and when its batch was dispatched (``time.monotonic()``):
+    a request's queue time ends when the last of its images' batches starts."""
+
+    __slots__ = ("dispatched",)
+
+    def __init__(self, row: dict[str, np.ndarray], dispatched: float):
+        super().__init__(row)
+        self.dispatched = dispatched
+
+
 class BatcherHooks:
     """Observation points (metrics); the default does nothing."""
 
     def queued(self, pending: int) -> None: ...
     def dropped(self, reason: str, count: int) -> None: ...
-    def batch_done(self, size: int, seconds: float, waits: Sequence[float]) -> None: ...
+    def batch_done(self, size: int, timing: BatchTiming, waits: Sequence[float]) -> None: ...
 
 
 class Admission:
@@ -250,11 +277,11 @@ class DynamicBatcher:
         return batch
 
     async def _execute(self, batch: list[Item]) -> None:
-        started = time.monotonic()
+        dispatched = time.monotonic()
         try:
             # Assembling the batch copies every image: done in the executor, off the loop.
-            outputs = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._run_batch, [item.image for item in batch]
+            outputs, ran = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._timed_run, [item.image for item in batch]
             )
             rows = {len(v) for v in outputs.values()}
             if rows != {len(batch)}:
@@ -275,9 +302,23 @@ class DynamicBatcher:
         else:
             for row, item in enumerate(batch):
                 if not item.future.done():
-                    item.future.set_result({k: v[row] for k, v in outputs.items()})
+                    item.future.set_result(
+                        BatchRow({k: v[row] for k, v in outputs.items()}, dispatched)
+                    )
+            started, finished = ran
+            timing = BatchTiming(
+                input=started - dispatched,
+                infer=finished - started,
+                output=time.monotonic() - finished,
+            )
             self._hooks.batch_done(
-                len(batch), time.monotonic() - started, [started - item.enqueued for item in batch]
+                len(batch), timing, [dispatched - item.enqueued for item in batch]
             )
         finally:
             self._slots.release()
+
+    def _timed_run(self, items: list[BatchItem]) -> tuple[Outputs, tuple[float, float]]:
+        """``run_batch``, and when it started and finished (in the executor's thread)."""
+        started = time.monotonic()
+        outputs = self._run_batch(items)
+        return outputs, (started, time.monotonic())

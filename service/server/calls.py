@@ -32,6 +32,7 @@ from service.model.errors import ServiceError
 from service.server.auth import TokenStore
 from service.server.config import Settings
 from service.server.metrics import UNKNOWN_MODEL, Metrics
+from service.server.statistics import Stages, record_request
 from service.server.status import drop_references, reason, status_code
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,9 @@ class CallInfo:
     model: str
     version: str = ""
     images: int = 0
+    # Set once an inference call holds its model version: its stages, for the
+    # statistics extension (a call that fails before that counts for no version).
+    stages: Stages | None = None
 
 
 class CallLog:
@@ -92,6 +96,8 @@ class CallLog:
         m = self.metrics
         m.child(m.requests, call.model, call.version, method, code).inc()
         m.child(m.request_duration, call.model, method).observe(seconds)
+        if call.stages is not None:
+            record_request(m, call.model, call.version, call.stages, code == "OK", seconds)
         if self.settings.access_log and access_log.isEnabledFor(logging.INFO):
             access_log.info(
                 "%s %s",

@@ -57,6 +57,12 @@ class Settings(BaseSettings):
         le=65535,
         description="Prometheus /metrics port (0: any free; none: off)",
     )
+    prediction_classes_max: int = Field(
+        default=50,
+        ge=0,
+        description="classes counted by name in classifier_predictions_total; later "
+        "classes of a model count as 'other' (bounds the series)",
+    )
     max_receive_message_bytes: int = Field(
         default=64 * 1024 * 1024, gt=0, description="largest gRPC request accepted"
     )
@@ -116,6 +122,12 @@ class Settings(BaseSettings):
     max_concurrent_streams: int = Field(
         default=0, ge=0, description="concurrent calls per connection (0: gRPC's default)"
     )
+    max_stream_requests: int = Field(
+        default=64,
+        gt=0,
+        description="requests of one ModelStreamInfer stream in progress at once (the "
+        "stream reads no further until one is answered)",
+    )
 
     # --- models ---------------------------------------------------------------------
     model_repository: Path = Field(
@@ -125,6 +137,11 @@ class Settings(BaseSettings):
     version_policy: Literal["latest", "all", "specific"] = "latest"
     versions: dict[str, list[int]] = Field(
         default_factory=dict, description="policy 'specific': {model: [versions]}"
+    )
+    version_weights: dict[str, dict[int, float]] = Field(
+        default_factory=dict,
+        description="traffic split of calls that name no version, {model: {version: "
+        "weight}}, e.g. {demo: {1: 90, 2: 10}}; only ready versions share it",
     )
     repository_poll_seconds: float = Field(
         default=0.0, ge=0, description="rescan the repository this often (0: never)"

@@ -7,7 +7,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from service.model.cores import cpu_count
+from service.model.errors import InvalidArgumentError
 from service.model.runner_options import GPU_PROVIDERS
+from service.server.traffic import checked_weights
 
 if TYPE_CHECKING:
     from service.server.config import Settings
@@ -49,6 +51,11 @@ def check_consistent(settings: Settings) -> None:
         raise ValueError("tls_cert and tls_key go together: give both or neither")
     if settings.tls_client_ca is not None and settings.tls_cert is None:
         raise ValueError("tls_client_ca (mTLS) needs tls_cert and tls_key")
+    for model, weights in settings.version_weights.items():
+        try:
+            checked_weights(weights, f"version_weights of {model}")
+        except InvalidArgumentError as exc:
+            raise ValueError(exc.message) from None
     for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file"):
         path = getattr(settings, name)
         if path is not None and not Path(path).is_file():

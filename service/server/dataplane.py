@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -29,8 +30,10 @@ from service.model.results import Localization, Prediction
 from service.model.spec import ModelSpec
 from service.server.calls import CallInfo
 from service.server.config import Settings
-from service.server.online import ImageSource, RequestPipeline
+from service.server.online import ImageSource, RequestPipeline, Row
+from service.server.predictions import PredictionWatch
 from service.server.repository import ModelRepository
+from service.server.statistics import ModelStatistics, Stages, read_statistics
 from service.server.tensors import (
     InputTensor,
     OutputRequest,
@@ -43,12 +46,13 @@ from service.server.tensors import (
     model_outputs,
     outputs_for,
 )
+from service.server.traffic import checked_weights
 from service.server.versions import ModelVersion, VersionState
 
 SERVER_NAME = "imgclf"
 PLATFORM = "onnxruntime_onnx"
 # The Open Inference Protocol extensions both transports serve.
-EXTENSIONS = ("classification", "model_repository", "model_configuration")
+EXTENSIONS = ("classification", "model_repository", "model_configuration", "statistics")
 # Repository states as the Open Inference Protocol's repository index names them.
 INDEX_STATES = {
     VersionState.READY: "READY",
@@ -145,6 +149,17 @@ class ModelSummary:
 
 
 @dataclass(frozen=True)
+class Traffic:
+    """The split of a model's calls that name no version: weights per version (empty:
+    the newest ready version takes them all), where they come from, the ready versions."""
+
+    model: str
+    weights: dict[str, float]
+    source: str
+    ready: list[str]
+
+
+@dataclass(frozen=True)
 class IndexEntry:
     name: str
     version: str
@@ -182,6 +197,7 @@ class DataPlane:
         self.pipeline = pipeline
         self._ready = ready
         self._label_for = label_for  # the metrics label of a model name (CallLog's)
+        self.predictions = PredictionWatch(pipeline.metrics, settings.prediction_classes_max)
 
     # --- readiness -------------------------------------------------------------------
 
@@ -260,6 +276,21 @@ class DataPlane:
         call.model = self._label_for(name)
         await self.repository.unload_model(name)
 
+    def traffic(self, call: CallInfo, name: str) -> Traffic:
+        """How calls to ``name`` that name no version are split, and between what."""
+        self._resolve(call, name, "")  # the errors of an unknown or unready model
+        weights, source = self.repository.traffic.weights(name)
+        ready = sorted(str(e.version) for e in self.repository.ready_versions() if e.name == name)
+        return Traffic(name, {str(v): w for v, w in sorted(weights.items())}, source, ready)
+
+    def set_traffic(self, call: CallInfo, name: str, weights: dict[str, float]) -> Traffic:
+        """Publish the model's weights (its traffic file); every worker follows within a
+        second."""
+        self._resolve(call, name, "")
+        checked = checked_weights(weights, f"the traffic weights of {name}")
+        self.repository.traffic.publish(name, checked)
+        return self.traffic(call, name)
+
     # --- inference -------------------------------------------------------------------
 
     async def classify(
@@ -270,8 +301,9 @@ class DataPlane:
             rows, _ = await self.pipeline.run(
                 entry, request.images, request.deadline, call, request.size_bytes
             )
-        k = self._top_k(request.top_k, spec)
-        results = [top_k(row[spec.outputs.probabilities], k, spec.labels) for row in rows]
+        with self._output_stage(call, spec, rows):
+            k = self._top_k(request.top_k, spec)
+            results = [top_k(row[spec.outputs.probabilities], k, spec.labels) for row in rows]
         return Answer(entry.name, str(entry.version), results)
 
     async def localize(
@@ -283,16 +315,17 @@ class DataPlane:
             rows, geometries = await self.pipeline.run(
                 entry, request.images, request.deadline, call, request.size_bytes
             )
-        items = await asyncio.get_running_loop().run_in_executor(
-            self.pipeline.pool,
-            localizations,
-            spec,
-            rows,
-            geometries,
-            self._top_k(request.top_k, spec),
-            include_heatmap,
-            self.settings.heatmap_max_side,
-        )
+        with self._output_stage(call, spec, rows):
+            items = await asyncio.get_running_loop().run_in_executor(
+                self.pipeline.pool,
+                localizations,
+                spec,
+                rows,
+                geometries,
+                self._top_k(request.top_k, spec),
+                include_heatmap,
+                self.settings.heatmap_max_side,
+            )
         return Answer(entry.name, str(entry.version), items)
 
     async def infer(self, call: CallInfo, request: TensorRequest) -> Answer[list[OutputTensor]]:
@@ -304,10 +337,31 @@ class DataPlane:
             rows, geometries = await self.pipeline.run(
                 entry, images, request.deadline, call, request.size_bytes
             )
-        outputs = await asyncio.get_running_loop().run_in_executor(
-            self.pipeline.pool, outputs_for, spec, rows, geometries, requested
-        )
+        with self._output_stage(call, spec, rows):
+            outputs = await asyncio.get_running_loop().run_in_executor(
+                self.pipeline.pool, outputs_for, spec, rows, geometries, requested
+            )
         return Answer(entry.name, str(entry.version), outputs)
+
+    # --- statistics ------------------------------------------------------------------
+
+    def statistics(self, call: CallInfo, name: str, version: str) -> list[ModelStatistics]:
+        """The statistics extension: every ready version (no name), a model's ready
+        versions (no version), or one version; NOT_FOUND/UNAVAILABLE as a call would."""
+        if name:
+            if version:
+                entry = self._resolve(call, name, version)
+                keys = [(entry.name, str(entry.version))]
+            else:
+                self._resolve(call, name, "")  # the errors of an unknown or unready model
+                keys = [
+                    (e.name, str(e.version))
+                    for e in self.repository.ready_versions()
+                    if e.name == name
+                ]
+        else:
+            keys = [(e.name, str(e.version)) for e in self.repository.ready_versions()]
+        return read_statistics(self.pipeline.metrics.families(), sorted(keys))
 
     # --- helpers ---------------------------------------------------------------------
 
@@ -321,7 +375,19 @@ class DataPlane:
 
     @contextlib.contextmanager
     def _lease(self, call: CallInfo, name: str, version: str) -> Iterator[ModelVersion]:
-        """``repository.lease``, labelling the call with the version it holds."""
+        """``repository.lease``, labelling the call with the version it holds (from here
+        on the call counts in that version's statistics)."""
         with self.repository.lease(name, version) as entry:
             call.model, call.version = entry.name, str(entry.version)
+            call.stages = Stages()
             yield entry
+
+    @contextlib.contextmanager
+    def _output_stage(self, call: CallInfo, spec: ModelSpec, rows: Sequence[Row]) -> Iterator[None]:
+        """Postprocessing, timed as the call's ``compute_output``; the answered images'
+        top-1 classes go to the prediction watch first."""
+        started = time.monotonic()
+        self.predictions.record(call.model, call.version, spec, rows)
+        yield
+        if call.stages is not None:
+            call.stages.compute_output = time.monotonic() - started

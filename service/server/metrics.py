@@ -12,16 +12,21 @@ is unloaded. A client can therefore never grow the number of series.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterable
 from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from service.server.worker_metrics import MULTIPROC_ENV
+
 # Latency buckets from 0.5 ms to 10 s: batch-1 CPU inference sits at a few ms, a queue
 # under overload at seconds.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# Top-1 scores: fine near 1, where a confident model's answers sit and a drift shows first.
+SCORE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 # The model label of calls that name no served model (unknown names, failed auth).
 UNKNOWN_MODEL = "_unknown"
 
@@ -32,6 +37,8 @@ class Metrics:
         self._define_call_metrics(self.registry)
         self._define_batch_metrics(self.registry)
         self._define_model_metrics(self.registry)
+        self._define_statistics_metrics(self.registry)
+        self._define_prediction_metrics(self.registry)
         # Metrics labelled (model, version, ...), in that order.
         self._by_version = {
             self.requests,
@@ -41,6 +48,13 @@ class Metrics:
             self.pending_images,
             self.dropped_images,
             self.model_ready,
+            self.request_stats,
+            self.request_stats_seconds,
+            self.batch_executions,
+            self.batch_stats_seconds,
+            self.last_inference,
+            self.predictions,
+            self.top1_score,
         }
         self._http: WSGIServer | None = None
         # (metric, label values) → child. Every labelled series goes through ``child``,
@@ -131,6 +145,61 @@ class Metrics:
             registry=r,
         )
 
+    def _define_statistics_metrics(self, r: CollectorRegistry) -> None:
+        # What the Open Inference Protocol's statistics extension reports (Triton's
+        # fields), kept as counters so that worker processes add up and /metrics and the
+        # statistics endpoint can never disagree (service.server.statistics reads these).
+        self.request_stats = Counter(
+            "classifier_request_stats",
+            "inference requests by statistic (success, fail, queue, compute_input, "
+            "compute_infer, compute_output)",
+            ["model", "version", "stat"],
+            registry=r,
+        )
+        self.request_stats_seconds = Counter(
+            "classifier_request_stats_seconds",
+            "time of inference requests by statistic",
+            ["model", "version", "stat"],
+            registry=r,
+        )
+        self.batch_executions = Counter(
+            "classifier_batch_executions",
+            "batches executed, by batch size",
+            ["model", "version", "batch_size"],
+            registry=r,
+        )
+        self.batch_stats_seconds = Counter(
+            "classifier_batch_stats_seconds",
+            "time of executed batches by batch size and statistic (compute_input, "
+            "compute_infer, compute_output)",
+            ["model", "version", "batch_size", "stat"],
+            registry=r,
+        )
+        self.last_inference = Gauge(
+            "classifier_last_inference_timestamp_seconds",
+            "when the version last answered an inference request (Unix time)",
+            ["model", "version"],
+            registry=r,
+            multiprocess_mode="max",
+        )
+
+    def _define_prediction_metrics(self, r: CollectorRegistry) -> None:
+        # What the model answers, for drift: the mix of top-1 classes (labels bounded by
+        # prediction_classes_max, the rest "other") and the top-1 score.
+        self.predictions = Counter(
+            "classifier_predictions",
+            "images answered, by top-1 class",
+            ["model", "version", "class"],
+            registry=r,
+        )
+        self.top1_score = Histogram(
+            "classifier_top1_score",
+            "top-1 probability of answered images",
+            ["model", "version"],
+            buckets=SCORE_BUCKETS,
+            registry=r,
+        )
+
     def child(self, metric: Any, *label_values: str) -> Any:
         """``metric.labels(*label_values)``, cached: label lookup is a measurable part of
         a small request's cost, and the label sets are few. Label values are positional,
@@ -164,6 +233,17 @@ class Metrics:
                 del self._children[key]
                 with contextlib.suppress(KeyError):  # never observed, so never created
                     metric.remove(*labels)
+
+    def families(self) -> Iterable[Any]:
+        """Every metric family of the server: all worker processes' values added up when
+        the server runs workers (the multiprocess directory), else this registry's."""
+        directory = os.environ.get(MULTIPROC_ENV)
+        if directory:
+            from prometheus_client.multiprocess import MultiProcessCollector
+
+            families: Iterable[Any] = MultiProcessCollector(None, path=directory).collect()
+            return families
+        return self.registry.collect()
 
     def series_count(self) -> int:
         return sum(len(family.samples) for family in self.registry.collect())

@@ -53,6 +53,7 @@ from service.model.spec import ModelSpec
 from service.server.calls import CallInfo
 from service.server.config import Settings
 from service.server.metrics import Metrics
+from service.server.statistics import Stages
 from service.server.status import drop_references
 from service.server.versions import ModelVersion
 
@@ -247,6 +248,7 @@ class RequestPipeline:
     ) -> tuple[list[Row], list[Geometry]]:
         """One output row and one geometry per image, in order (``deadline``: a
         ``time.monotonic()`` instant, or None)."""
+        started = time.monotonic()
         count = len(images)
         call.images = count
         self.check_count(count)
@@ -277,6 +279,7 @@ class RequestPipeline:
                     self.metrics.preprocess_duration.observe(item[2])
                 del prepared
                 futures = admission.submit(arrays, deadline)
+                submitted = time.monotonic()
             rows: list[Row | BaseException]
             try:
                 if count == 1:  # an error is raised here rather than returned
@@ -290,6 +293,8 @@ class RequestPipeline:
         for row in rows:
             if isinstance(row, BaseException):
                 raise row
+        if call.stages is not None:
+            timed(call.stages, started, submitted, rows)  # type: ignore[arg-type]
         self.metrics.child(self.metrics.images, call.model, call.version).inc(count)
         return rows, geometries  # type: ignore[return-value]
 
@@ -323,6 +328,16 @@ class RequestPipeline:
             for i, item in zip(rest, done, strict=True):
                 prepared[i] = item
         return prepared  # type: ignore[return-value]
+
+
+def timed(stages: Stages, started: float, submitted: float, rows: Sequence[Row]) -> None:
+    """A request's input, queue and infer stages: until its images were submitted to the
+    batcher; until the last of their batches was dispatched; until now (all rows back)."""
+    dispatched = max((getattr(row, "dispatched", submitted) for row in rows), default=submitted)
+    dispatched = max(dispatched, submitted)
+    stages.compute_input = submitted - started
+    stages.queue = dispatched - submitted
+    stages.compute_infer = time.monotonic() - dispatched
 
 
 def deadline_of(time_remaining: float | None) -> float | None:

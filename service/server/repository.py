@@ -42,6 +42,7 @@ from service.model.runner_options import RunnerOptions
 from service.server.config import Settings
 from service.server.loading import open_runner, settled_fingerprint, start_batcher
 from service.server.metrics import Metrics
+from service.server.traffic import TrafficSplit
 from service.server.versions import (
     Fingerprint,
     MetricHooks,
@@ -77,6 +78,7 @@ class ModelRepository:
         self._lock = asyncio.Lock()
         self._poller: asyncio.Task[None] | None = None
         self.on_change: Callable[[], Awaitable[None]] | None = None  # after each rescan
+        self.traffic = TrafficSplit(self.root, settings.version_weights)
 
     # --- reconciling the repository with what is served ------------------------------
 
@@ -356,7 +358,8 @@ class ModelRepository:
         return name in self._known
 
     def resolve(self, name: str, version: str) -> ModelVersion:
-        """The version a request names (empty: newest ready); NOT_FOUND or UNAVAILABLE."""
+        """The version a request names (empty: by the traffic split, by default the newest
+        ready); NOT_FOUND or UNAVAILABLE."""
         if not name:
             if len(self._versions) != 1:
                 raise InvalidArgumentError(
@@ -376,7 +379,7 @@ class ModelRepository:
                 + (", ".join(sorted(self._known)) or "no models")
             )
         if not version:
-            return served[max(served)]
+            return self.traffic.pick(name, served)  # type: ignore[no-any-return]
         entry = served.get(int(version))
         if entry is not None:
             return entry

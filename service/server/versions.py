@@ -12,7 +12,7 @@ from pathlib import Path
 
 from service.model.runner import Runner
 from service.model.spec import ModelSpec
-from service.server.batching import BatcherHooks, DynamicBatcher
+from service.server.batching import BatcherHooks, BatchTiming, DynamicBatcher
 from service.server.metrics import Metrics
 
 
@@ -78,9 +78,17 @@ class MetricHooks(BatcherHooks):
     def dropped(self, reason: str, count: int) -> None:
         self.metrics.child(self.metrics.dropped_images, self.name, self.version, reason).inc(count)
 
-    def batch_done(self, size: int, seconds: float, waits: Sequence[float]) -> None:
-        m = self.metrics
-        m.child(m.batch_size, self.name, self.version).observe(size)
-        m.child(m.inference_duration, self.name, self.version).observe(seconds)
+    def batch_done(self, size: int, timing: BatchTiming, waits: Sequence[float]) -> None:
+        m, name, version = self.metrics, self.name, self.version
+        m.child(m.batch_size, name, version).observe(size)
+        m.child(m.inference_duration, name, version).observe(timing.total)
         for wait in waits:
             m.queue_duration.observe(wait)
+        batch = str(size)
+        m.child(m.batch_executions, name, version, batch).inc()
+        for stat, seconds in (
+            ("compute_input", timing.input),
+            ("compute_infer", timing.infer),
+            ("compute_output", timing.output),
+        ):
+            m.child(m.batch_stats_seconds, name, version, batch, stat).inc(seconds)

@@ -8,6 +8,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+# Set by the supervisor, before any worker imports prometheus_client (its value class is
+# chosen at import): prometheus_client's multiprocess mode, every process's values in files
+# in this directory. This module imports prometheus_client only when it is used.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
 
 class ServedOnly:
     """Every worker's metrics added up, showing only served model names and versions.

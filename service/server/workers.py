@@ -54,7 +54,7 @@ from typing import Any
 
 from service.model.cores import cpu_count
 from service.server.config import Settings
-from service.server.worker_metrics import ServedOnly
+from service.server.worker_metrics import MULTIPROC_ENV, ServedOnly
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,6 @@ CRASH_WINDOW_SECONDS = 60.0
 FIRST_BACKOFF_SECONDS = 1.0
 MAX_BACKOFF_SECONDS = 30.0
 TICK_SECONDS = 0.2
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # The supervisor's own series (``_total`` on the wire), beside the workers' metrics.
 RESTARTS_METRIC = "classifier_worker_restarts"
 

@@ -65,6 +65,19 @@ class GrpcEnvelope:
         fail(context, outcome)
         return None
 
+    async def run_for_stream(
+        self, method: str, context: Any, handler: Handler, model: str, given_id: str
+    ) -> Outcome:
+        """One request of a stream: its outcome, for the stream's own answer (the
+        request's ``id`` is its request id; the stream's status is left alone)."""
+        return await self.envelope.run(
+            method,
+            handler,
+            given_id=given_id or metadata_value(context, REQUEST_ID_KEY),
+            peer=context.peer(),
+            model=model,
+        )
+
     async def refuse_unauthenticated(self, full_method: str, context: Any) -> None:
         """The auth gate's answer to a call without an accepted token."""
         method = full_method.rsplit("/", 1)[-1]

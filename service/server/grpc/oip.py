@@ -10,14 +10,17 @@ and this server can share a process (the tests and the benchmark do), where two 
 would fail with "duplicate symbol 'inference.ServerLiveRequest'".
 
 Served: ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelConfig
-(enough for perf_analyzer's Triton mode), ModelInfer, and the repository extension
+(enough for perf_analyzer's Triton mode), ModelInfer, ModelStreamInfer (many requests on
+one stream, each answered or failed on its own), the statistics extension
+(ModelStatistics, ``service.server.statistics``), and the repository extension
 (RepositoryIndex, RepositoryModelLoad, RepositoryModelUnload) with the lifecycle rules of
-``service.server.repository``. The rest (streaming, statistics, shared memory, trace,
-logging) answers UNIMPLEMENTED. Inputs and outputs: ``service.server.tensors``.
+``service.server.repository``. The rest (shared memory, trace and log settings) answers
+UNIMPLEMENTED. Inputs and outputs: ``service.server.tensors``.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import numpy as np
@@ -30,6 +33,7 @@ from service.server.dataplane import DataPlane, TensorRequest
 from service.server.grpc.envelope import GrpcEnvelope
 from service.server.oip_config import config_message
 from service.server.online import deadline_of
+from service.server.statistics import Duration, ModelStatistics
 from service.server.tensors import (
     CLASSIFICATION,
     InputTensor,
@@ -38,6 +42,9 @@ from service.server.tensors import (
     TensorInfo,
     raw_of,
 )
+
+# What the stream's reader puts last, once every request it read has been answered.
+_END_OF_STREAM = object()
 
 SERVICE_NAME = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
@@ -106,6 +113,32 @@ def _metadata_tensor(info: TensorInfo) -> Any:
     )
 
 
+def _duration(duration: Duration) -> Any:
+    return oip.StatisticDuration(count=duration.count, ns=duration.ns)
+
+
+def _statistics(stats: ModelStatistics) -> Any:
+    return oip.ModelStatistics(
+        name=stats.name,
+        version=stats.version,
+        last_inference=stats.last_inference,
+        inference_count=stats.inference_count,
+        execution_count=stats.execution_count,
+        inference_stats=oip.InferStatistics(
+            **{stat: _duration(d) for stat, d in stats.inference_stats.items()}
+        ),
+        batch_stats=[
+            oip.InferBatchStatistics(
+                batch_size=b.batch_size,
+                compute_input=_duration(b.compute_input),
+                compute_infer=_duration(b.compute_infer),
+                compute_output=_duration(b.compute_output),
+            )
+            for b in stats.batch_stats
+        ],
+    )
+
+
 def add_to_server(servicer: InferenceServicer, server: Any) -> None:
     oip_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
 
@@ -160,26 +193,93 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request: Any, context: Any) -> Any:
         async def run(call: CallInfo) -> Any:
-            answer = await self.plane.infer(
-                call,
-                TensorRequest(
-                    model=request.model_name,
-                    version=request.model_version,
-                    inputs=input_tensors(request),
-                    outputs=requested_outputs(request),
-                    deadline=deadline_of(context.time_remaining()),
-                    size_bytes=request.ByteSize(),
-                ),
-            )
-            response = oip.ModelInferResponse(
-                model_name=answer.model, model_version=answer.version, id=request.id
-            )
-            raw = bool(request.raw_input_contents)  # answer in the form the client used
-            for tensor in answer.results:
-                _put_output(response, tensor, raw)
-            return response
+            return await self._infer(call, request, context)
 
         return await self.envelope.run("ModelInfer", context, run, request.model_name)
+
+    async def ModelStreamInfer(self, request_iterator: Any, context: Any) -> Any:
+        """Many requests on one stream: each runs as it arrives (up to
+        ``max_stream_requests`` at once per stream), and each is answered, or failed with
+        ``error_message``, on its own, in the order they finish; answers carry the
+        request's id. The stream itself ends only when the client closes its side."""
+        window = asyncio.Semaphore(self.plane.settings.max_stream_requests)
+        answers: asyncio.Queue[Any] = asyncio.Queue()
+        running: set[asyncio.Task[None]] = set()
+
+        async def answer(request: Any) -> None:
+            try:
+                answers.put_nowait(await self._stream_answer(request, context))
+            finally:
+                window.release()
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    await window.acquire()
+                    task = asyncio.get_running_loop().create_task(answer(request))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                while running:
+                    await asyncio.wait(set(running))
+            finally:
+                answers.put_nowait(_END_OF_STREAM)
+
+        reader = asyncio.get_running_loop().create_task(read())
+        try:
+            while (item := await answers.get()) is not _END_OF_STREAM:
+                yield item
+            await reader  # the client's own error, if reading failed
+        finally:
+            reader.cancel()
+            for task in list(running):
+                task.cancel()
+
+    async def _stream_answer(self, request: Any, context: Any) -> Any:
+        async def run(call: CallInfo) -> Any:
+            return await self._infer(call, request, context)
+
+        outcome = await self.envelope.run_for_stream(
+            "ModelStreamInfer", context, run, request.model_name, request.id
+        )
+        if outcome.ok:
+            return oip.ModelStreamInferResponse(infer_response=outcome.answer)
+        return oip.ModelStreamInferResponse(
+            error_message=f"{outcome.message} (request id {outcome.request_id})",
+            infer_response=oip.ModelInferResponse(
+                model_name=request.model_name,
+                model_version=request.model_version,
+                id=request.id,
+            ),
+        )
+
+    async def _infer(self, call: CallInfo, request: Any, context: Any) -> Any:
+        answer = await self.plane.infer(
+            call,
+            TensorRequest(
+                model=request.model_name,
+                version=request.model_version,
+                inputs=input_tensors(request),
+                outputs=requested_outputs(request),
+                deadline=deadline_of(context.time_remaining()),
+                size_bytes=request.ByteSize(),
+            ),
+        )
+        response = oip.ModelInferResponse(
+            model_name=answer.model, model_version=answer.version, id=request.id
+        )
+        raw = bool(request.raw_input_contents)  # answer in the form the client used
+        for tensor in answer.results:
+            _put_output(response, tensor, raw)
+        return response
+
+    # --- statistics extension --------------------------------------------------------
+
+    async def ModelStatistics(self, request: Any, context: Any) -> Any:
+        async def run(call: CallInfo) -> Any:
+            stats = self.plane.statistics(call, request.name, request.version)
+            return oip.ModelStatisticsResponse(model_stats=[_statistics(s) for s in stats])
+
+        return await self.envelope.run("ModelStatistics", context, run, request.name or None)
 
     # --- repository extension --------------------------------------------------------
 

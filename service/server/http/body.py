@@ -54,6 +54,10 @@ class IndexRequestBody(_Part):
     ready: bool = False
 
 
+class TrafficRequestBody(_Part):
+    weights: dict[str, float]
+
+
 def json_depth_exceeds(value: Any, limit: int) -> bool:
     """Whether ``value`` nests lists and objects more than ``limit`` deep (no recursion;
     stops at the first path that goes too deep)."""

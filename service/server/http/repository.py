@@ -3,18 +3,23 @@
 POST /v2/repository/index              every version and its state ({"ready": true}: ready)
 POST /v2/repository/models/{m}/load    rescan and serve a model now
 POST /v2/repository/models/{m}/unload  retire every version of a model
+GET  /v2/repository/models/{m}/traffic the split of calls that name no version
+PUT  /v2/repository/models/{m}/traffic {"weights": {"1": 90, "2": 10}}: publish a new split
+                                       (``service.server.traffic``)
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from service.server.calls import CallInfo
-from service.server.http.body import IndexRequestBody, parse_json, validated
-from service.server.http.envelope import parts
+from service.server.dataplane import Traffic
+from service.server.http.body import IndexRequestBody, TrafficRequestBody, parse_json, validated
+from service.server.http.envelope import parts, respond
 
 router = APIRouter()
 
@@ -58,3 +63,38 @@ async def load(request: Request, model: str) -> Response:
 async def unload(request: Request, model: str) -> Response:
     action = parts(request).plane.unload
     return await _control(request, "http:RepositoryModelUnload", model, action)
+
+
+def _traffic_json(traffic: Traffic) -> dict[str, Any]:
+    return {
+        "model": traffic.model,
+        "weights": traffic.weights,
+        "source": traffic.source,
+        "ready_versions": traffic.ready,
+    }
+
+
+@router.get("/v2/repository/models/{model}/traffic", tags=["repository"])
+async def get_traffic(request: Request, model: str) -> Response:
+    plane = parts(request).plane
+
+    def build(call: CallInfo) -> Response:
+        return JSONResponse(_traffic_json(plane.traffic(call, model)))
+
+    return await respond(request, "http:RepositoryTraffic", model, build)
+
+
+@router.put("/v2/repository/models/{model}/traffic", tags=["repository"])
+async def set_traffic(request: Request, model: str) -> Response:
+    settings, plane = parts(request).settings, parts(request).plane
+
+    async def run(call: CallInfo) -> Response:
+        what = "the traffic request"
+        body = validated(
+            TrafficRequestBody,
+            parse_json(await request.body(), settings.max_json_depth, what),
+            what,
+        )
+        return JSONResponse(_traffic_json(plane.set_traffic(call, model, body.weights)))
+
+    return await parts(request).envelope.run("http:RepositorySetTraffic", request, model, run)

@@ -7,7 +7,8 @@ import shutil
 from pathlib import Path
 
 from service.server.config import load_settings
-from service.server.workers import MULTIPROC_ENV, Supervisor
+from service.server.worker_metrics import MULTIPROC_ENV
+from service.server.workers import Supervisor
 
 
 def test_workers_share_the_server_wide_memory_bounds(tmp_path: Path) -> None:
