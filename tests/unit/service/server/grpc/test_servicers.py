@@ -161,3 +161,56 @@ def test_a_cancelled_call_counts_as_deadline_exceeded_only_when_its_deadline_pas
         assert plane.count("Slow", code) == 1
 
     run(tmp_path, scenario)
+
+
+def infer_request(request_id: str, images: list[bytes]) -> Any:
+    request = oip.ModelInferRequest(model_name=MODEL, id=request_id)
+    request.inputs.add(name=BYTES_INPUT, datatype="BYTES", shape=[len(images)])
+    request.raw_input_contents.append(pack_bytes(images))
+    return request
+
+
+def test_a_stream_answers_each_request_on_its_own_with_its_id(tmp_path: Path) -> None:
+    async def scenario(s: Servicers) -> None:
+        _, inference, plane = s
+
+        async def requests() -> Any:
+            for i in range(6):
+                images = [b"not an image"] if i == 3 else [jpeg((40 * i, 10, 10))]
+                yield infer_request(f"s{i}", images)
+
+        context = FakeContext()
+        answers = [a async for a in inference.ModelStreamInfer(requests(), context)]
+        assert context.code is None  # the stream itself succeeded
+        by_id = {a.infer_response.id: a for a in answers}
+        assert sorted(by_id) == [f"s{i}" for i in range(6)]
+        failed = by_id.pop("s3")
+        assert "image 0" in failed.error_message and "(request id s3)" in failed.error_message
+        for answer in by_id.values():
+            assert answer.error_message == ""
+            assert answer.infer_response.model_version == "1"
+            assert "probabilities" in [o.name for o in answer.infer_response.outputs]
+        assert plane.count("ModelStreamInfer", "OK", MODEL) == 5
+        assert plane.count("ModelStreamInfer", "INVALID_ARGUMENT", MODEL) == 1
+
+    run(tmp_path, scenario)
+
+
+def test_model_statistics_in_protobuf(tmp_path: Path) -> None:
+    async def scenario(s: Servicers) -> None:
+        _, inference, _ = s
+        for i in range(3):
+            await inference.ModelInfer(infer_request(f"r{i}", [jpeg((9, 9, 9))] * 2), FakeContext())
+        request = oip.ModelStatisticsRequest(name=MODEL)
+        response = await inference.ModelStatistics(request, FakeContext())
+        (stats,) = response.model_stats
+        assert (stats.name, stats.version) == (MODEL, "1")
+        assert stats.inference_stats.success.count == 3 and stats.inference_count == 6
+        assert stats.inference_stats.compute_infer.ns > 0
+        assert sum(b.batch_size * b.compute_infer.count for b in stats.batch_stats) == 6
+        context = FakeContext()
+        absent = oip.ModelStatisticsRequest(name="absent")
+        assert await inference.ModelStatistics(absent, context) is None
+        assert context.code is grpc.StatusCode.NOT_FOUND
+
+    run(tmp_path, scenario)

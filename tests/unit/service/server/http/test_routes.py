@@ -131,3 +131,53 @@ def test_repository_index_unload_and_load(served: tuple[TestClient, Plane]) -> N
     assert client.post(f"/v2/repository/models/{MODEL}/load").status_code == 200
     assert client.post("/v2/repository/models/absent/load").status_code == 404
     assert client.get(f"/v2/models/{MODEL}/ready").status_code == 200
+
+
+def test_statistics_and_traffic_routes(served: tuple[TestClient, Plane]) -> None:
+    client, _ = served
+    body = pack_bytes([jpeg((1, 2, 3))])
+    infer = {
+        "inputs": [
+            {
+                "name": BYTES_INPUT,
+                "datatype": "BYTES",
+                "shape": [1],
+                "parameters": {"binary_data_size": len(body)},
+            }
+        ]
+    }
+    header = json.dumps(infer).encode()
+    response = client.post(
+        f"/v2/models/{MODEL}/infer",
+        content=header + body,
+        headers={"Inference-Header-Content-Length": str(len(header))},
+    )
+    assert response.status_code == 200, response.text
+    for path in (
+        "/v2/models/stats",
+        f"/v2/models/{MODEL}/stats",
+        f"/v2/models/{MODEL}/versions/1/stats",
+    ):
+        answer = client.get(path)
+        assert answer.status_code == 200, (path, answer.text)
+        (stats,) = answer.json()["model_stats"]
+        assert (stats["name"], stats["version"]) == (MODEL, "1")
+        assert stats["inference_stats"]["success"]["count"] >= 1
+        assert set(stats["inference_stats"]["queue"]) == {"count", "ns"}
+        assert stats["batch_stats"][0]["compute_infer"]["ns"] > 0
+    assert client.get("/v2/models/absent/stats").status_code == 404
+    assert "statistics" in client.get("/v2").json()["extensions"]
+
+    shown = client.get(f"/v2/repository/models/{MODEL}/traffic").json()
+    assert shown == {
+        "model": MODEL,
+        "weights": {},
+        "source": "none: the newest ready version",
+        "ready_versions": ["1"],
+    }
+    put = client.put(f"/v2/repository/models/{MODEL}/traffic", json={"weights": {"1": 5}})
+    assert put.status_code == 200 and put.json()["weights"] == {"1": 5.0}
+    assert put.json()["source"].endswith("traffic.json")
+    bad = client.put(f"/v2/repository/models/{MODEL}/traffic", json={"weights": {"x": 1}})
+    assert bad.status_code == 400 and "not a number" in bad.json()["error"]
+    assert client.put(f"/v2/repository/models/{MODEL}/traffic", content=b"[").status_code == 400
