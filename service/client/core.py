@@ -15,6 +15,7 @@ from typing import Any, Generic, TypeVar
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry import propagate
 from PIL import Image
 
 from service.model.errors import REASON_KEY, REQUEST_ID_KEY
@@ -176,6 +177,14 @@ DEFAULT_CHANNELS = 4
 R = TypeVar("R")
 
 
+def traced(metadata: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """``metadata`` and the caller's OpenTelemetry context (W3C ``traceparent``), when the
+    caller has one: the server's spans of the call then join the caller's trace."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return [*metadata, *carrier.items()] if carrier else metadata
+
+
 @dataclass(frozen=True)
 class Call(Generic[R]):
     """One RPC as both clients make it: the stub method, its request, how to read the
@@ -249,7 +258,7 @@ class ClientCore:
     def _call(
         self, method: Any, request: Any, parse: Callable[[Any], R], timeout: float | None
     ) -> Call[R]:
-        return Call(method, request, parse, timeout or self.timeout, self.metadata)
+        return Call(method, request, parse, timeout or self.timeout, traced(self.metadata))
 
     def classify_call(
         self,

@@ -16,6 +16,7 @@ refusal means:
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import random
 import time
@@ -170,7 +171,10 @@ class GrpcEngine:
         window: deque[Future[list[Row]]] = deque()
         with ThreadPoolExecutor(self.concurrency, thread_name_prefix="score-grpc") as pool:
             for chunk in chunks:
-                window.append(pool.submit(self._call, chunk))
+                # In the caller's context (its OpenTelemetry span, if any): the SDK puts
+                # it on each call, so the server's spans join the caller's trace.
+                context = contextvars.copy_context()
+                window.append(pool.submit(context.run, self._call, chunk))
                 if len(window) >= self.concurrency * 2:
                     yield from window.popleft().result()
             while window:

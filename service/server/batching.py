@@ -72,14 +72,16 @@ class BatchTiming:
 
 
 class BatchRow(dict[str, np.ndarray]):
-    """One image's output row, and when its batch was dispatched (``time.monotonic()``):
-    a request's queue time ends when the last of its images' batches starts."""
+    """One image's output row, when its batch was dispatched (``time.monotonic()``: a
+    request's queue time ends when the last of its images' batches starts), and what the
+    hooks made of the batch (its trace context, for the request's span to link to)."""
 
-    __slots__ = ("dispatched",)
+    __slots__ = ("batch", "dispatched")
 
-    def __init__(self, row: dict[str, np.ndarray], dispatched: float):
+    def __init__(self, row: dict[str, np.ndarray], dispatched: float, batch: Any = None):
         super().__init__(row)
         self.dispatched = dispatched
+        self.batch = batch
 
 
 class BatcherHooks:
@@ -87,7 +89,10 @@ class BatcherHooks:
 
     def queued(self, pending: int) -> None: ...
     def dropped(self, reason: str, count: int) -> None: ...
-    def batch_done(self, size: int, timing: BatchTiming, waits: Sequence[float]) -> None: ...
+    def batch_done(
+        self, size: int, dispatched: float, timing: BatchTiming, waits: Sequence[float]
+    ) -> Any:
+        """Called before the batch's rows are answered; what it returns, each row carries."""
 
 
 class Admission:
@@ -300,20 +305,19 @@ class DynamicBatcher:
                 if not item.future.done():
                     item.future.set_exception(error)
         else:
-            for row, item in enumerate(batch):
-                if not item.future.done():
-                    item.future.set_result(
-                        BatchRow({k: v[row] for k, v in outputs.items()}, dispatched)
-                    )
+            answers = [{k: v[row] for k, v in outputs.items()} for row in range(len(batch))]
             started, finished = ran
             timing = BatchTiming(
                 input=started - dispatched,
                 infer=finished - started,
                 output=time.monotonic() - finished,
             )
-            self._hooks.batch_done(
-                len(batch), timing, [dispatched - item.enqueued for item in batch]
+            made = self._hooks.batch_done(
+                len(batch), dispatched, timing, [dispatched - item.enqueued for item in batch]
             )
+            for item, answer in zip(batch, answers, strict=True):
+                if not item.future.done():
+                    item.future.set_result(BatchRow(answer, dispatched, made))
         finally:
             self._slots.release()
 

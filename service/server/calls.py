@@ -22,7 +22,7 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +34,7 @@ from service.server.config import Settings
 from service.server.metrics import UNKNOWN_MODEL, Metrics
 from service.server.statistics import Stages, record_request
 from service.server.status import drop_references, reason, status_code
+from service.server.tracing import current as current_tracing
 
 log = logging.getLogger(__name__)
 
@@ -168,10 +169,13 @@ class CallEnvelope:
         peer: str,
         model: str | None,
         cancelled: Callable[[], grpc.StatusCode] = lambda: grpc.StatusCode.CANCELLED,
+        carrier: Callable[[], Mapping[str, str]] | None = None,
     ) -> Outcome:
         """Run ``handler``; ``model`` is the name the request gives (None: it names none);
-        ``cancelled`` tells a cancelled call's status (a deadline, or the caller gone)."""
-        started = time.perf_counter()
+        ``cancelled`` tells a cancelled call's status (a deadline, or the caller gone);
+        ``carrier`` gives the call's headers or metadata, read for a ``traceparent`` only
+        when tracing is on."""
+        started = time.monotonic()
         outcome = Outcome(self.calls.request_id(given_id))
         call = CallInfo(self.calls.label_for(model))
         try:
@@ -194,7 +198,27 @@ class CallEnvelope:
                 "internal",
             )
         finally:
-            self._account(method, call, outcome, time.perf_counter() - started, peer)
+            ended = time.monotonic()
+            self._account(method, call, outcome, ended - started, peer)
+            tracing = current_tracing()
+            if tracing is not None:
+                tracing.record_call(
+                    method,
+                    carrier,
+                    started,
+                    ended,
+                    {
+                        "rpc.method": method,
+                        "imgclf.model": call.model,
+                        "imgclf.version": call.version,
+                        "imgclf.images": call.images,
+                        "imgclf.request_id": outcome.request_id,
+                        "imgclf.code": outcome.code.name,
+                    },
+                    outcome.ok,
+                    outcome.message,
+                    call.stages,
+                )
         return outcome
 
     def _account(

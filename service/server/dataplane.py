@@ -390,4 +390,4 @@ class DataPlane:
         self.predictions.record(call.model, call.version, spec, rows)
         yield
         if call.stages is not None:
-            call.stages.compute_output = time.monotonic() - started
+            call.stages.output_started, call.stages.output_done = started, time.monotonic()

@@ -58,6 +58,7 @@ from service.server.metrics import Metrics
 from service.server.online import RequestPipeline
 from service.server.repository import ModelRepository
 from service.server.tls import ServerCertificates
+from service.server.tracing import configure as configure_tracing
 
 log = logging.getLogger(__name__)
 
@@ -342,6 +343,7 @@ async def create_server(
 async def serve(settings: Settings, role: WorkerRole | None = None) -> None:
     """Run until SIGTERM/SIGINT, then shut down gracefully."""
     configure_allocator()  # before the first large decode: see service.model.memory
+    tracing = configure_tracing()  # in this process: each worker exports its own spans
     server, _ = await create_server(settings, role)
     await server.start()
     stop = asyncio.Event()
@@ -356,4 +358,6 @@ async def serve(settings: Settings, role: WorkerRole | None = None) -> None:
         loop.add_signal_handler(sig, on_signal)
     await stop.wait()
     await server.stop()
+    if tracing is not None:
+        await asyncio.to_thread(tracing.shutdown)  # the last calls' spans are exported
     log.info("stopped")

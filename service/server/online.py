@@ -256,6 +256,7 @@ class RequestPipeline:
         spec = entry.spec
         with self.inflight.hold(request_bytes):
             with entry.batcher.admit(count) as admission:
+                admitted = time.monotonic()
                 loop = asyncio.get_running_loop()
 
                 def decode(i: int, image: ImageSource) -> asyncio.Future[Prepared | ServiceError]:
@@ -294,7 +295,7 @@ class RequestPipeline:
             if isinstance(row, BaseException):
                 raise row
         if call.stages is not None:
-            timed(call.stages, started, submitted, rows)  # type: ignore[arg-type]
+            timed(call.stages, started, admitted, submitted, rows)  # type: ignore[arg-type]
         self.metrics.child(self.metrics.images, call.model, call.version).inc(count)
         return rows, geometries  # type: ignore[return-value]
 
@@ -330,14 +331,16 @@ class RequestPipeline:
         return prepared  # type: ignore[return-value]
 
 
-def timed(stages: Stages, started: float, submitted: float, rows: Sequence[Row]) -> None:
-    """A request's input, queue and infer stages: until its images were submitted to the
-    batcher; until the last of their batches was dispatched; until now (all rows back)."""
+def timed(
+    stages: Stages, started: float, admitted: float, submitted: float, rows: Sequence[Row]
+) -> None:
+    """When the request was taken, admitted, submitted to the batcher, when the last of
+    its batches was dispatched (``BatchRow``), and now: every row back."""
     dispatched = max((getattr(row, "dispatched", submitted) for row in rows), default=submitted)
-    dispatched = max(dispatched, submitted)
-    stages.compute_input = submitted - started
-    stages.queue = dispatched - submitted
-    stages.compute_infer = time.monotonic() - dispatched
+    stages.started, stages.admitted, stages.submitted = started, admitted, submitted
+    stages.dispatched = max(dispatched, submitted)
+    stages.rows_back = time.monotonic()
+    stages.batches = [getattr(row, "batch", None) for row in rows]
 
 
 def deadline_of(time_remaining: float | None) -> float | None:

@@ -40,13 +40,38 @@ NS = 1_000_000_000
 
 @dataclass
 class Stages:
-    """Where one inference request's time went, in seconds, as the data plane and the
-    online pipeline measure it."""
+    """When one inference request passed each point (``time.monotonic()``; 0: not
+    reached), as the online pipeline and the data plane record them, and the trace
+    contexts of the batches its images ran in (``service.server.tracing``)."""
 
-    compute_input: float = 0.0
-    queue: float = 0.0
-    compute_infer: float = 0.0
-    compute_output: float = 0.0
+    started: float = 0.0  # the pipeline took the request
+    admitted: float = 0.0  # its limits checked, its bytes and images admitted
+    submitted: float = 0.0  # its images decoded and in the batcher's queue
+    dispatched: float = 0.0  # the last of its batches dispatched
+    rows_back: float = 0.0  # every output row back
+    output_started: float = 0.0
+    output_done: float = 0.0
+    batches: list[Any] = field(default_factory=list)
+
+    @property
+    def done(self) -> bool:
+        return self.output_done > 0
+
+    @property
+    def compute_input(self) -> float:
+        return self.submitted - self.started
+
+    @property
+    def queue(self) -> float:
+        return self.dispatched - self.submitted
+
+    @property
+    def compute_infer(self) -> float:
+        return self.rows_back - self.dispatched
+
+    @property
+    def compute_output(self) -> float:
+        return self.output_done - self.output_started
 
 
 @dataclass(frozen=True)
@@ -84,7 +109,7 @@ def record_request(
         m.child(m.request_stats, model, version, stat).inc()
         m.child(m.request_stats_seconds, model, version, stat).inc(max(0.0, duration))
 
-    if not ok:
+    if not ok or not stages.done:
         add("fail", seconds)
         return
     add("success", seconds)

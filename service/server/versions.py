@@ -9,11 +9,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 from service.model.runner import Runner
 from service.model.spec import ModelSpec
 from service.server.batching import BatcherHooks, BatchTiming, DynamicBatcher
 from service.server.metrics import Metrics
+from service.server.tracing import current as current_tracing
 
 
 class VersionState(StrEnum):
@@ -78,7 +80,10 @@ class MetricHooks(BatcherHooks):
     def dropped(self, reason: str, count: int) -> None:
         self.metrics.child(self.metrics.dropped_images, self.name, self.version, reason).inc(count)
 
-    def batch_done(self, size: int, timing: BatchTiming, waits: Sequence[float]) -> None:
+    def batch_done(
+        self, size: int, dispatched: float, timing: BatchTiming, waits: Sequence[float]
+    ) -> Any:
+        """The batch's metrics, and its trace span when tracing is on (its context)."""
         m, name, version = self.metrics, self.name, self.version
         m.child(m.batch_size, name, version).observe(size)
         m.child(m.inference_duration, name, version).observe(timing.total)
@@ -92,3 +97,7 @@ class MetricHooks(BatcherHooks):
             ("compute_output", timing.output),
         ):
             m.child(m.batch_stats_seconds, name, version, batch, stat).inc(seconds)
+        tracing = current_tracing()
+        if tracing is None:
+            return None
+        return tracing.record_batch(name, version, size, dispatched, dispatched + timing.total)

@@ -58,6 +58,7 @@ class GrpcEnvelope:
             peer=context.peer(),
             model=model,
             cancelled=cancelled,
+            carrier=lambda: dict(context.invocation_metadata() or ()),
         )
         if outcome.ok:
             context.set_trailing_metadata(((REQUEST_ID_KEY, outcome.request_id),))
@@ -76,6 +77,7 @@ class GrpcEnvelope:
             given_id=given_id or metadata_value(context, REQUEST_ID_KEY),
             peer=context.peer(),
             model=model,
+            carrier=lambda: dict(context.invocation_metadata() or ()),
         )
 
     async def refuse_unauthenticated(self, full_method: str, context: Any) -> None:

@@ -35,7 +35,12 @@ class HttpEnvelope:
         given_id = request.headers.get(REQUEST_ID_KEY)
         if self.envelope.authorized(request.headers.get(AUTH_HEADER)):
             outcome = await self.envelope.run(
-                method, route, given_id=given_id, peer=peer, model=model
+                method,
+                route,
+                given_id=given_id,
+                peer=peer,
+                model=model,
+                carrier=lambda: request.headers,
             )
         else:
             outcome = self.envelope.refuse(method, given_id, peer, "header")
