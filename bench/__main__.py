@@ -7,6 +7,7 @@ python -m bench load --protocol oip --payload tensor --model demo -c 8  # UINT8,
 python -m bench limit --model models/demo/1/model.onnx
 python -m bench report [--case demo|resnet50]
 python -m bench scoring --model models/demo --input data/demo
+python -m bench features            # streaming, tracing, prediction watch; the 90/10 split
 """
 
 from __future__ import annotations
@@ -108,6 +109,18 @@ def build_parser() -> argparse.ArgumentParser:
         "(repeatable)",
     )
 
+    features = sub.add_parser(
+        "features", help="streaming vs unary, tracing and prediction-watch cost, traffic split"
+    )
+    features.add_argument("--repository", type=Path, default=Path("models"))
+    features.add_argument("--concurrency", default="8,32", help="closed-loop callers")
+    features.add_argument("--seconds", type=float, default=8.0, help="per measurement")
+    features.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+    features.add_argument("--workers", type=int, default=0, help="per server (0: one per core)")
+    features.add_argument(
+        "--split-calls", type=int, default=10_000, help="calls under the 90/10 split (0: skip)"
+    )
+
     scoring = sub.add_parser("scoring", help="batch-scoring engines vs the limit")
     scoring.add_argument("--model", type=Path, default=Path("models/demo"), help="NAME[/VERSION]")
     scoring.add_argument("--input", default="data/demo", help="folder, glob or manifest")
@@ -184,6 +197,11 @@ def main(argv: list[str] | None = None) -> int:
         print(result.summary(), file=sys.stderr)
         if args.json:
             args.json.write_text(result.to_json() + "\n")
+        return 0
+    if args.command == "features":
+        from bench.features import main as features_main
+
+        features_main(args)
         return 0
     if args.command == "limit":
         from bench.limit import measure_limit

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import tritonclient.grpc.aio as triton
@@ -55,6 +56,24 @@ def pytriton_peer(address: str) -> OipTarget:
     return OipTarget(address, "model", "IMAGE", (1, 1))
 
 
+def request_inputs(target: OipTarget, images: Sequence[bytes], n: int) -> list[Any]:
+    """One input tensor per starting image, of ``n`` images each (built once: the load
+    generator spends its CPU on the wire)."""
+    if target.spec is not None:
+        limits = ImageLimits()
+        one = [preprocess_encoded(image, target.spec, limits)[0][None] for image in images]
+    else:
+        one = [np.array([image], dtype=np.object_).reshape(target.shape) for image in images]
+    inputs = []
+    for start in range(len(one)):
+        payload = np.concatenate([one[(start + i) % len(one)] for i in range(n)])
+        shape = [n * target.shape[0], *target.shape[1:]]
+        tensor = triton.InferInput(target.input_name, shape, target.datatype)
+        tensor.set_data_from_numpy(payload)
+        inputs.append(tensor)
+    return inputs
+
+
 async def run_oip_load(
     target: OipTarget,
     images: Sequence[bytes],
@@ -67,24 +86,16 @@ async def run_oip_load(
     cpu_probe: CpuProbe | None = None,
     images_per_request: int = 1,
     latencies_out: list[float] | None = None,
+    stream: bool = False,
 ) -> LoadResult:
     """Callers share ``channels`` clients (connections), round-robin per call. With
     ``images_per_request`` > 1 each request carries that many images along the batch axis
-    (consecutive images, cycling). ``latencies_out`` receives every measured latency."""
+    (consecutive images, cycling). ``latencies_out`` receives every measured latency.
+    ``stream``: each caller opens one ModelStreamInfer stream and sends its requests on
+    it, one at a time (closed loop, as the unary callers), instead of a call each."""
     check_loopback(target.address)
-    if target.spec is not None:
-        limits = ImageLimits()
-        one = [preprocess_encoded(image, target.spec, limits)[0][None] for image in images]
-    else:
-        one = [np.array([image], dtype=np.object_).reshape(target.shape) for image in images]
-    inputs = []
     n = images_per_request
-    for start in range(len(one)):  # built once: the generator spends its CPU on the wire
-        payload = np.concatenate([one[(start + i) % len(one)] for i in range(n)])
-        shape = [n * target.shape[0], *target.shape[1:]]
-        tensor = triton.InferInput(target.input_name, shape, target.datatype)
-        tensor.set_data_from_numpy(payload)
-        inputs.append(tensor)
+    inputs = request_inputs(target, images, n)
     latencies: list[float] = [] if latencies_out is None else latencies_out
     errors: dict[str, int] = {}
     # A connection per client: equal channel arguments would share one.
@@ -120,7 +131,36 @@ async def run_oip_load(
                         errors[code] = errors.get(code, 0) + 1
                 i += concurrency
 
-        await asyncio.gather(*(caller(k) for k in range(concurrency)))
+        async def stream_caller(k: int) -> None:
+            requests: asyncio.Queue[dict[str, object] | None] = asyncio.Queue()
+
+            async def sent_requests() -> AsyncIterator[dict[str, object]]:
+                while (request := await requests.get()) is not None:
+                    yield request
+
+            answers = clients[k % channels].stream_infer(sent_requests()).__aiter__()
+            i = k
+            try:
+                while time.perf_counter() < stop_at:
+                    sent = time.perf_counter()
+                    await requests.put(
+                        {"model_name": target.model, "inputs": [inputs[i % len(inputs)]]}
+                    )
+                    _, error = await answers.__anext__()
+                    end = time.perf_counter()
+                    if sent >= measure_from and end <= stop_at:
+                        if error is None:
+                            latencies.append(end - sent)
+                        else:
+                            errors[type(error).__name__] = errors.get(type(error).__name__, 0) + 1
+                    i += concurrency
+            finally:
+                await requests.put(None)  # the client closes its side; the stream ends
+                async for _ in answers:
+                    pass
+
+        callers = stream_caller if stream else caller
+        await asyncio.gather(*(callers(k) for k in range(concurrency)))
         cpu_ms = await cpu.ms_per_image(len(latencies) * n)
         busy = cpu.machine_busy_percent()
     finally:

@@ -57,6 +57,9 @@ class Settings(BaseSettings):
         le=65535,
         description="Prometheus /metrics port (0: any free; none: off)",
     )
+    prediction_watch: bool = Field(
+        default=True, description="count each answer's top-1 class and score in /metrics"
+    )
     prediction_classes_max: int = Field(
         default=50,
         ge=0,

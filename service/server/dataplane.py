@@ -197,7 +197,9 @@ class DataPlane:
         self.pipeline = pipeline
         self._ready = ready
         self._label_for = label_for  # the metrics label of a model name (CallLog's)
-        self.predictions = PredictionWatch(pipeline.metrics, settings.prediction_classes_max)
+        self.predictions = PredictionWatch(
+            pipeline.metrics, settings.prediction_classes_max, settings.prediction_watch
+        )
 
     # --- readiness -------------------------------------------------------------------
 

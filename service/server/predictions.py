@@ -20,9 +20,10 @@ OTHER = "other"
 
 
 class PredictionWatch:
-    def __init__(self, metrics: Metrics, max_classes: int):
+    def __init__(self, metrics: Metrics, max_classes: int, enabled: bool = True):
         self.metrics = metrics
         self.max_classes = max_classes
+        self.enabled = enabled  # off: --no-prediction-watch
 
     def class_label(self, spec: ModelSpec, index: int) -> str:
         if index >= self.max_classes:
@@ -33,7 +34,7 @@ class PredictionWatch:
         self, model: str, version: str, spec: ModelSpec, rows: Sequence[dict[str, np.ndarray]]
     ) -> None:
         """Count the top-1 class and score of each row (one answered image each)."""
-        if not rows:
+        if not rows or not self.enabled:
             return
         probabilities = np.stack([row[spec.outputs.probabilities] for row in rows])
         probabilities = probabilities.reshape(len(rows), -1)

@@ -1,0 +1,226 @@
+"""``python -m bench features``: what the operator features cost, and whether the traffic
+split holds, in one interleaved run on the demo model:
+
+* ModelStreamInfer against unary ModelInfer (tritonclient, the same server): img/s and
+  server CPU ms per image, each caller closed-loop with one request outstanding;
+* tracing on (OTLP/HTTP to a sink in this process, 100% sampling) against off;
+* the prediction watch on (the default) against ``--no-prediction-watch``;
+* 10,000 classify calls that name no version, under a 90/10 split between two versions,
+  over several connections (so both workers apply the split): the shares answered.
+
+Every variant runs on its own server (started up front, the same worker count), and the
+measurements go round-robin — each round measures every variant at each concurrency — so
+the drift of a noisy machine hits them alike; ratios are taken within the run. Results go
+to ``bench/results/<date>-features.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import tempfile
+import threading
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from datetime import date
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from bench.load import LoadResult
+from bench.oip_load import ours, run_oip_load
+from bench.processes import ServerProcess, tree_cpu_seconds
+from bench.workload import latest_model, load_folder, photo_folder
+from service.client import ClassifierClient
+from service.model.cores import cpu_count
+from service.server import eventloop
+
+RESULTS = Path("bench/results")
+
+
+class SpanSink:
+    """An OTLP/HTTP endpoint that takes spans and drops them (a collector's receive cost
+    is the collector's, not the server's)."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                sink.requests += 1
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.endpoint = f"http://127.0.0.1:{self.server.server_port}/v1/traces"
+
+
+def measure(
+    server: ServerProcess, images: list[bytes], concurrency: int, seconds: float, stream: bool
+) -> LoadResult:
+    return eventloop.run(
+        run_oip_load(
+            ours(server.target, "demo"),
+            images,
+            concurrency=concurrency,
+            seconds=seconds,
+            warmup=1.5,
+            cpu_probe=lambda: tree_cpu_seconds(server.pid),
+            stream=stream,
+        )
+    )
+
+
+def traffic_split(model: Path, workers: int, calls: int) -> dict[str, Any]:
+    """``calls`` classify calls naming no version under a 90/10 split of two versions."""
+    repository = Path(tempfile.mkdtemp(prefix="bench-split-"))
+    try:
+        for version in (1, 2):
+            (repository / "demo" / str(version)).mkdir(parents=True)
+            shutil.copy(model, repository / "demo" / str(version) / "model.onnx")
+        weights = json.dumps({"demo": {"1": 90, "2": 10}})
+        server = ServerProcess(
+            repository, "--version-policy", "all", "--version-weights", weights, workers=workers
+        )
+        try:
+            server.wait_for_event("serving", timeout=120)
+            image = load_folder(photo_folder())[0]
+            with ClassifierClient(server.target, channels=4) as client:
+                client.classify([image], model="demo")  # every worker serving
+
+                def one(_: int) -> str:
+                    return client.classify([image], model="demo")[0].version
+
+                with ThreadPoolExecutor(8) as pool:
+                    answered = Counter(pool.map(one, range(calls)))
+        finally:
+            server.kill()
+    finally:
+        shutil.rmtree(repository, ignore_errors=True)
+    share = answered["2"] / calls
+    sigma = (0.1 * 0.9 / calls) ** 0.5
+    return {
+        "calls": calls,
+        "weights": {"1": 90, "2": 10},
+        "answered": dict(sorted(answered.items())),
+        "share_of_version_2": round(share, 4),
+        "binomial_sigma": round(sigma, 4),
+        "deviation_in_sigmas": round((share - 0.1) / sigma, 2),
+    }
+
+
+def run_features(args: argparse.Namespace) -> dict[str, Any]:
+    model = latest_model(args.repository, "demo")
+    repository = model.parent.parent.parent
+    images = load_folder(photo_folder())
+    workers = args.workers or cpu_count()
+    flags = ["--models", "demo", "--workers", str(workers)]
+    sink = SpanSink()
+    traced_env = {
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": sink.endpoint,
+        "OTEL_TRACES_SAMPLER": "always_on",
+    }
+    servers = {
+        "base": ServerProcess(repository, *flags, workers=None),
+        "traced": ServerProcess(repository, *flags, env=traced_env, workers=None),
+        "no_watch": ServerProcess(repository, *flags, "--no-prediction-watch", workers=None),
+    }
+    variants = [  # (name, server, stream)
+        ("unary", "base", False),
+        ("stream", "base", True),
+        ("tracing_on", "traced", False),
+        ("prediction_watch_off", "no_watch", False),
+    ]
+    concurrencies = [int(c) for c in str(args.concurrency).split(",")]
+    runs: dict[str, dict[int, list[LoadResult]]] = {
+        name: {c: [] for c in concurrencies} for name, _, _ in variants
+    }
+    try:
+        for server in servers.values():
+            server.wait_for_event("serving", timeout=300)
+        for round_ in range(args.rounds):
+            for c in concurrencies:
+                for name, server_name, stream in variants:
+                    result = measure(servers[server_name], images, c, args.seconds, stream)
+                    runs[name][c].append(result)
+                    print(
+                        f"round {round_ + 1} c={c} {name}: {result.images_per_s:.1f} img/s, "
+                        f"{result.cpu_ms_per_image or 0:.3f} CPU ms/img, errors {result.errors}",
+                        flush=True,
+                    )
+    finally:
+        for server in servers.values():
+            server.kill()
+        sink.server.shutdown()
+    report: dict[str, Any] = {
+        "date": date.today().isoformat(),
+        "model": str(model),
+        "workers": workers,
+        "rounds": args.rounds,
+        "seconds_per_measurement": args.seconds,
+        "spans_posted": sink.requests,
+        "results": {
+            name: {
+                str(c): {
+                    "images_per_s": round(statistics.median(r.images_per_s for r in rs), 1),
+                    "cpu_ms_per_image": round(
+                        statistics.median(r.cpu_ms_per_image or 0.0 for r in rs), 3
+                    ),
+                    "p50_ms": round(statistics.median(r.latency_ms["p50"] for r in rs), 2),
+                    "errors": sum(sum(r.errors.values()) for r in rs),
+                }
+                for c, rs in by_c.items()
+            }
+            for name, by_c in runs.items()
+        },
+    }
+    if args.split_calls:
+        report["traffic_split"] = traffic_split(model, workers, args.split_calls)
+    return report
+
+
+def markdown(report: dict[str, Any]) -> str:
+    base = report["results"]["unary"]
+    lines = [
+        f"# Operator features, {report['date']} ({report['workers']} workers, "
+        f"{report['rounds']} interleaved rounds of {report['seconds_per_measurement']} s; medians)",
+        "",
+        "| variant | c | img/s | vs unary | CPU ms/img | vs unary | p50 ms |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, by_c in report["results"].items():
+        for c, r in by_c.items():
+            ref = base[c]
+            lines.append(
+                f"| {name} | {c} | {r['images_per_s']} | "
+                f"{r['images_per_s'] / ref['images_per_s']:.3f} | {r['cpu_ms_per_image']} | "
+                f"{r['cpu_ms_per_image'] / ref['cpu_ms_per_image']:.3f} | {r['p50_ms']} |"
+            )
+    split = report.get("traffic_split")
+    if split:
+        lines += [
+            "",
+            f"Traffic split 90/10, {split['calls']} calls naming no version: answered "
+            f"{split['answered']}, version 2's share {split['share_of_version_2']} "
+            f"({split['deviation_in_sigmas']} binomial sigmas from 0.10).",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def main(args: argparse.Namespace) -> None:
+    report = run_features(args)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = RESULTS / f"{report['date']}-features"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    text = markdown(report)
+    stem.with_suffix(".md").write_text(text)
+    print(text)
