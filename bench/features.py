@@ -1,8 +1,9 @@
 """``python -m bench features``: what the operator features cost, and whether the traffic
 split holds, in one interleaved run on the demo model:
 
-* ModelStreamInfer against unary ModelInfer (tritonclient, the same server): img/s and
-  server CPU ms per image, each caller closed-loop with one request outstanding;
+* ModelStreamInfer against unary ModelInfer (tritonclient, the same server), and
+  classifier.v1's Stream against its unary Classify (raw stubs): img/s and server CPU ms
+  per image, each caller closed-loop with one request outstanding;
 * tracing on (OTLP/HTTP to a sink in this process, 100% sampling) against off;
 * the prediction watch on (the default) against ``--no-prediction-watch``;
 * 10,000 classify calls that name no version, under a 90/10 split between two versions,
@@ -29,7 +30,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from bench.load import LoadResult
+from bench.load import LoadResult, run_load
 from bench.oip_load import ours, run_oip_load
 from bench.processes import ServerProcess, tree_cpu_seconds
 from bench.workload import latest_model, load_folder, photo_folder
@@ -65,8 +66,28 @@ class SpanSink:
 
 
 def measure(
-    server: ServerProcess, images: list[bytes], concurrency: int, seconds: float, stream: bool
+    server: ServerProcess,
+    images: list[bytes],
+    concurrency: int,
+    seconds: float,
+    protocol: str,
+    stream: bool,
 ) -> LoadResult:
+    """Closed-loop load over the OIP (tritonclient) or classifier.v1 (raw stub)."""
+    probe = lambda: tree_cpu_seconds(server.pid)  # noqa: E731
+    if protocol == "classifier":
+        return eventloop.run(
+            run_load(
+                server.target,
+                images,
+                model="demo",
+                concurrency=concurrency,
+                seconds=seconds,
+                warmup=1.5,
+                cpu_probe=probe,
+                stream=stream,
+            )
+        )
     return eventloop.run(
         run_oip_load(
             ours(server.target, "demo"),
@@ -74,7 +95,7 @@ def measure(
             concurrency=concurrency,
             seconds=seconds,
             warmup=1.5,
-            cpu_probe=lambda: tree_cpu_seconds(server.pid),
+            cpu_probe=probe,
             stream=stream,
         )
     )
@@ -134,23 +155,26 @@ def run_features(args: argparse.Namespace) -> dict[str, Any]:
         "traced": ServerProcess(repository, *flags, env=traced_env, workers=None),
         "no_watch": ServerProcess(repository, *flags, "--no-prediction-watch", workers=None),
     }
-    variants = [  # (name, server, stream)
-        ("unary", "base", False),
-        ("stream", "base", True),
-        ("tracing_on", "traced", False),
-        ("prediction_watch_off", "no_watch", False),
+    variants = [  # (name, server, protocol, stream)
+        ("unary", "base", "oip", False),
+        ("stream", "base", "oip", True),
+        ("v1_unary", "base", "classifier", False),
+        ("v1_stream", "base", "classifier", True),
+        ("tracing_on", "traced", "oip", False),
+        ("prediction_watch_off", "no_watch", "oip", False),
     ]
     concurrencies = [int(c) for c in str(args.concurrency).split(",")]
     runs: dict[str, dict[int, list[LoadResult]]] = {
-        name: {c: [] for c in concurrencies} for name, _, _ in variants
+        name: {c: [] for c in concurrencies} for name, _, _, _ in variants
     }
     try:
         for server in servers.values():
             server.wait_for_event("serving", timeout=300)
         for round_ in range(args.rounds):
             for c in concurrencies:
-                for name, server_name, stream in variants:
-                    result = measure(servers[server_name], images, c, args.seconds, stream)
+                for name, server_name, protocol, stream in variants:
+                    server = servers[server_name]
+                    result = measure(server, images, c, args.seconds, protocol, stream)
                     runs[name][c].append(result)
                     print(
                         f"round {round_ + 1} c={c} {name}: {result.images_per_s:.1f} img/s, "
@@ -189,7 +213,7 @@ def run_features(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    base = report["results"]["unary"]
+    results = report["results"]
     lines = [
         f"# Operator features, {report['date']} ({report['workers']} workers, "
         f"{report['rounds']} interleaved rounds of {report['seconds_per_measurement']} s; medians)",
@@ -199,7 +223,8 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     for name, by_c in report["results"].items():
         for c, r in by_c.items():
-            ref = base[c]
+            # Each variant against the unary calls of its own protocol.
+            ref = results["v1_unary" if name.startswith("v1_") else "unary"][c]
             lines.append(
                 f"| {name} | {c} | {r['images_per_s']} | "
                 f"{r['images_per_s'] / ref['images_per_s']:.3f} | {r['cpu_ms_per_image']} | "

@@ -14,7 +14,7 @@ import itertools
 import json
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ METHODS = {
     "classify": "/classifier.v1.ImageClassifier/Classify",
     "localize": "/classifier.v1.ImageClassifier/Localize",
 }
+STREAM_METHOD = "/classifier.v1.ImageClassifier/Stream"
 
 
 @dataclass
@@ -147,6 +148,20 @@ def build_requests(
     return out
 
 
+def build_stream_requests(
+    images: list[bytes], model: str, images_per_request: int, method: str, top_k: int = 5
+) -> list[bytes]:
+    """``build_requests``, each as one serialised request of a classifier.v1 Stream."""
+    out = []
+    for n, payload in enumerate(build_requests(images, model, images_per_request, method, top_k)):
+        if method == "localize":
+            request = pb.StreamRequest(id=str(n), localize=pb.LocalizeRequest.FromString(payload))
+        else:
+            request = pb.StreamRequest(id=str(n), classify=pb.ClassifyRequest.FromString(payload))
+        out.append(request.SerializeToString())
+    return out
+
+
 def percentiles(latencies: list[float]) -> dict[str, float]:
     if not latencies:
         return {}
@@ -158,6 +173,73 @@ def percentiles(latencies: list[float]) -> dict[str, float]:
         "max": float(ms.max()),
         "mean": float(ms.mean()),
     }
+
+
+@dataclass
+class Window:
+    """What a run measures: calls that start and end inside the measured window."""
+
+    measure_from: float
+    stop_at: float
+    max_requests: int | None
+    latencies: list[float]
+    errors: dict[str, int] = field(default_factory=dict)
+    done: int = 0
+
+    def finished(self) -> bool:
+        return time.perf_counter() >= self.stop_at or (
+            self.max_requests is not None and self.done >= self.max_requests
+        )
+
+    def record(self, sent: float, code: str) -> None:
+        end = time.perf_counter()
+        if sent >= self.measure_from and end <= self.stop_at:
+            self.done += 1
+            if code == "OK":
+                self.latencies.append(end - sent)
+            else:
+                self.errors[code] = self.errors.get(code, 0) + 1
+
+
+async def open_loop(
+    send: Callable[[bytes, float], Coroutine[Any, Any, None]],
+    requests: list[bytes],
+    rate: float,
+    seed: int,
+    window: Window,
+) -> None:
+    """Poisson arrivals at ``rate``/s, whatever the answers take."""
+    rng = random.Random(seed)
+    in_flight: set[asyncio.Task[None]] = set()
+    scheduled = time.perf_counter()
+    i = 0
+    while not window.finished():
+        scheduled += rng.expovariate(rate)
+        delay = scheduled - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        task = asyncio.get_running_loop().create_task(send(requests[i % len(requests)], scheduled))
+        in_flight.add(task)
+        task.add_done_callback(in_flight.discard)
+        i += 1
+    if in_flight:
+        await asyncio.gather(*in_flight)
+
+
+async def stream_caller(
+    channel: Any, streamed: list[bytes], first: int, step: int, window: Window
+) -> None:
+    """One closed-loop caller on its own classifier.v1 Stream: a request, its answer, the
+    next."""
+    call = channel.stream_stream(STREAM_METHOD)()
+    i = first
+    while not window.finished():
+        sent = time.perf_counter()
+        await call.write(streamed[i % len(streamed)])
+        answer = pb.StreamResponse.FromString(await call.read())
+        window.record(sent, answer.error.code if answer.WhichOneof("answer") == "error" else "OK")
+        i += step
+    await call.done_writing()
 
 
 async def run_load(
@@ -177,16 +259,16 @@ async def run_load(
     channels: int = 4,
     cpu_probe: CpuProbe | None = None,
     latencies_out: list[float] | None = None,
+    stream: bool = False,
 ) -> LoadResult:
     """Closed loop when ``rate`` is None (``concurrency`` callers), else open loop. Calls go
     round-robin over ``channels`` connections, as the SDK's do (a server's workers share
     its port, and the kernel balances connections). ``latencies_out`` receives every
-    measured latency."""
+    measured latency. ``stream`` (closed loop): each caller opens one classifier.v1
+    ``Stream`` and sends its requests on it, one at a time."""
     check_loopback(target)
     requests = build_requests(images, model, images_per_request, method)
     latencies: list[float] = [] if latencies_out is None else latencies_out
-    errors: dict[str, int] = {}
-    done_in_window = 0
     options = [*channel_options(), ("grpc.use_local_subchannel_pool", 1)]
     pool = [grpc.aio.insecure_channel(target, options=options) for _ in range(channels)]
     try:
@@ -194,75 +276,56 @@ async def run_load(
         for channel in pool:
             await channel.channel_ready()
         turn = itertools.cycle(calls)
-        started = time.perf_counter()
-        measure_from = started + warmup
+        measure_from = time.perf_counter() + warmup
         stop_at = measure_from + seconds
+        window = Window(measure_from, stop_at, max_requests, latencies)
         cpu = CpuWindow(cpu_probe, measure_from, stop_at)
 
-        def finished() -> bool:
-            return time.perf_counter() >= stop_at or (
-                max_requests is not None and done_in_window >= max_requests
-            )
-
         async def one(payload: bytes, sent: float) -> None:
-            nonlocal done_in_window
             try:
                 await next(turn)(payload, timeout=timeout)
                 code = "OK"
             except grpc.aio.AioRpcError as exc:
                 code = exc.code().name
-            end = time.perf_counter()
-            if sent >= measure_from and end <= stop_at:
-                done_in_window += 1
-                if code == "OK":
-                    latencies.append(end - sent)
-                else:
-                    errors[code] = errors.get(code, 0) + 1
+            window.record(sent, code)
 
-        if rate is None:
+        async def caller(k: int) -> None:
+            i = k
+            while not window.finished():
+                await one(requests[i % len(requests)], time.perf_counter())
+                i += concurrency or 1
 
-            async def caller(k: int) -> None:
-                i = k
-                while not finished():
-                    await one(requests[i % len(requests)], time.perf_counter())
-                    i += concurrency or 1
-
-            await asyncio.gather(*(caller(k) for k in range(concurrency or 1)))
-        else:
-            rng = random.Random(seed)
-            in_flight: set[asyncio.Task[None]] = set()
-            scheduled = time.perf_counter()
-            i = 0
-            while not finished():
-                scheduled += rng.expovariate(rate)
-                delay = scheduled - time.perf_counter()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                task = asyncio.get_running_loop().create_task(
-                    one(requests[i % len(requests)], scheduled)
+        callers = range(concurrency or 1)
+        if rate is not None:
+            await open_loop(one, requests, rate, seed, window)
+        elif stream:
+            streamed = build_stream_requests(images, model, images_per_request, method)
+            await asyncio.gather(
+                *(
+                    stream_caller(pool[k % channels], streamed, k, len(callers), window)
+                    for k in callers
                 )
-                in_flight.add(task)
-                task.add_done_callback(in_flight.discard)
-                i += 1
-            if in_flight:
-                await asyncio.gather(*in_flight)
-        window = min(time.perf_counter(), stop_at) - measure_from
+            )
+        else:
+            await asyncio.gather(*(caller(k) for k in callers))
+        elapsed = min(time.perf_counter(), stop_at) - measure_from
         cpu_ms = await cpu.ms_per_image(len(latencies) * images_per_request)
         busy = cpu.machine_busy_percent()
     finally:
         for channel in pool:
             await channel.close()
+    errors = window.errors
     ok = len(latencies)
     return LoadResult(
         mode="closed" if rate is None else "open",
         concurrency=concurrency if rate is None else None,
         target_rate=rate,
         images_per_request=images_per_request,
-        seconds=round(window, 3),
+        seconds=round(elapsed, 3),
         requests=ok,
         images=ok * images_per_request,
-        requests_per_s=ok / window if window > 0 else 0.0,
-        images_per_s=ok * images_per_request / window if window > 0 else 0.0,
+        requests_per_s=ok / elapsed if elapsed > 0 else 0.0,
+        images_per_s=ok * images_per_request / elapsed if elapsed > 0 else 0.0,
         latency_ms=percentiles(latencies),
         errors=errors,
         cpu_ms_per_image=cpu_ms,

@@ -13,6 +13,10 @@ backoff by gRPC's own retry policy; every call has a deadline. TLS: ``root_certi
 ``private_key``. ``error_reason(exc)`` tells a full queue ("retry later") from a bad
 image within RESOURCE_EXHAUSTED; ``request_id(exc)`` is the id the server logged.
 
+``client.stream(items)`` sends many requests (``StreamItem``) on one stream, cheaper
+per request than unary calls; answers come back in order, a failed request as a
+``StreamFailure`` (``service.client.streaming``).
+
 ``core`` holds what both clients share (channels, credentials, requests and replies,
 error helpers), ``sync`` and ``aio`` the two clients, ``cli`` the command line
 (``python -m service.client``).
@@ -34,6 +38,7 @@ from service.client.core import (
     request_id,
     to_proto_image,
 )
+from service.client.streaming import StreamAnswer, StreamFailure, StreamItem
 from service.client.sync import ClassifierClient
 
 __all__ = [
@@ -44,6 +49,9 @@ __all__ = [
     "AsyncClassifierClient",
     "ClassifierClient",
     "ImageInput",
+    "StreamAnswer",
+    "StreamFailure",
+    "StreamItem",
     "channel_credentials",
     "channel_options",
     "error_reason",

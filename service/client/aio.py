@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
+from typing import Any
 
 import grpc
 
-from service.client.core import Call, ClientCore, ImageInput, R
+from service.client.core import Call, ClientCore, ImageInput, R, traced
+from service.client.streaming import InOrder, StreamAnswer, StreamItem
 from service.model.results import Classification, Localization
 from service.proto_gen.classifier.v1 import classifier_pb2 as pb
 
@@ -57,6 +60,43 @@ class AsyncClassifierClient(ClientCore):
 
     async def health(self, service: str = "", timeout: float | None = None) -> str:
         return await self._run(self.health_call(service, timeout))
+
+    async def stream(
+        self,
+        items: Iterable[StreamItem] | AsyncIterable[StreamItem],
+        *,
+        window: int = 32,
+        timeout: float | None = None,
+    ) -> AsyncIterator[StreamAnswer]:
+        """Send ``items`` on one classifier.v1 stream, up to ``window`` at a time; their
+        answers, in the order sent (``service.client.streaming``). ``timeout`` bounds the
+        whole stream (None: none)."""
+        order = InOrder()
+        room = asyncio.Semaphore(window)
+
+        async def each() -> AsyncIterator[StreamItem]:
+            if isinstance(items, AsyncIterable):
+                async for item in items:
+                    yield item
+            else:
+                for item in items:
+                    yield item
+
+        async def requests() -> AsyncIterator[Any]:
+            n = 0
+            async for item in each():
+                await room.acquire()
+                yield order.request(n, item)
+                n += 1
+
+        call = self.stub.Stream(requests(), timeout=timeout, metadata=traced(self.metadata))
+        try:
+            async for response in call:
+                room.release()
+                for answer in order.add(response):
+                    yield answer
+        finally:
+            call.cancel()
 
     async def close(self) -> None:
         for channel in self.channels:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import grpc
 
-from service.client.core import Call, ClientCore, ImageInput, R
+from service.client.core import Call, ClientCore, ImageInput, R, traced
+from service.client.streaming import InOrder, StreamAnswer, StreamItem
 from service.model.results import Classification, Localization
 from service.proto_gen.classifier.v1 import classifier_pb2 as pb
 
@@ -56,6 +59,33 @@ class ClassifierClient(ClientCore):
     def health(self, service: str = "", timeout: float | None = None) -> str:
         """'SERVING', 'NOT_SERVING', ... for the server ("") or one service name."""
         return self._run(self.health_call(service, timeout))
+
+    def stream(
+        self, items: Iterable[StreamItem], *, window: int = 32, timeout: float | None = None
+    ) -> Iterator[StreamAnswer]:
+        """Send ``items`` on one classifier.v1 stream, up to ``window`` at a time; their
+        answers, in the order sent (``service.client.streaming``). ``timeout`` bounds the
+        whole stream (None: none)."""
+        order = InOrder()
+        room = threading.Semaphore(window)
+        closing = threading.Event()
+
+        def requests() -> Iterator[Any]:  # read by gRPC's own thread
+            for n, item in enumerate(items):
+                room.acquire()
+                if closing.is_set():
+                    return
+                yield order.request(n, item)
+
+        responses = self.stub.Stream(requests(), timeout=timeout, metadata=traced(self.metadata))
+        try:
+            for response in responses:
+                room.release()
+                yield from order.add(response)
+        finally:
+            closing.set()
+            room.release()  # a sender waiting for room sees the stream closing
+            responses.cancel()
 
     def close(self) -> None:
         for channel in self.channels:

@@ -293,6 +293,12 @@ class DataPlane:
         self.repository.traffic.publish(name, checked)
         return self.traffic(call, name)
 
+    def clear_traffic(self, call: CallInfo, name: str) -> Traffic:
+        """Withdraw the model's published weights (its traffic file)."""
+        self._resolve(call, name, "")
+        self.repository.traffic.withdraw(name)
+        return self.traffic(call, name)
+
     # --- inference -------------------------------------------------------------------
 
     async def classify(

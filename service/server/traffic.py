@@ -103,6 +103,15 @@ class TrafficSplit:
         self._files.pop(name, None)  # read it again on the next call
         return path
 
+    def withdraw(self, name: str) -> None:
+        """Remove the model's traffic file: back to the setting (or the newest version)."""
+        path = self.root / name / TRAFFIC_FILE
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise InvalidArgumentError(f"cannot remove {path} ({exc.strerror})") from None
+        self._files.pop(name, None)
+
     def _from_file(self, name: str) -> dict[int, float] | None:
         state = self._files.setdefault(name, _FileWeights())
         now = time.monotonic()

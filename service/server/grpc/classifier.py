@@ -10,12 +10,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from service.model.errors import InvalidArgumentError
 from service.model.results import Box, Localization, Prediction
 from service.proto_gen.classifier.v1 import classifier_pb2 as pb
 from service.proto_gen.classifier.v1 import classifier_pb2_grpc as pb_grpc
 from service.server.calls import CallInfo
 from service.server.dataplane import DataPlane, ImageRequest, ModelSummary
 from service.server.grpc.envelope import GrpcEnvelope
+from service.server.grpc.streams import answer_each
 from service.server.online import deadline_of
 
 
@@ -77,21 +79,72 @@ class ImageClassifierServicer(pb_grpc.ImageClassifierServicer):
 
     async def Classify(self, request: pb.ClassifyRequest, context: Any) -> pb.ClassifyResponse:
         async def run(call: CallInfo) -> pb.ClassifyResponse:
-            answer = await self.plane.classify(call, image_request(request, context))
-            results = [pb.Classification(predictions=_predictions(p)) for p in answer.results]
-            return pb.ClassifyResponse(model=answer.model, version=answer.version, results=results)
+            return await self._classify(call, request, context)
 
         return await self.envelope.run("Classify", context, run, request.model)  # type: ignore[no-any-return]
 
     async def Localize(self, request: pb.LocalizeRequest, context: Any) -> pb.LocalizeResponse:
         async def run(call: CallInfo) -> pb.LocalizeResponse:
-            answer = await self.plane.localize(
-                call, image_request(request, context), request.include_heatmap
-            )
-            results = [_localization(item) for item in answer.results]
-            return pb.LocalizeResponse(model=answer.model, version=answer.version, results=results)
+            return await self._localize(call, request, context)
 
         return await self.envelope.run("Localize", context, run, request.model)  # type: ignore[no-any-return]
+
+    async def Stream(self, request_iterator: Any, context: Any) -> Any:
+        """Classify and Localize requests on one stream (``service.server.grpc.streams``),
+        each answered or failed on its own, with its id."""
+
+        async def answer(request: pb.StreamRequest) -> pb.StreamResponse:
+            return await self._stream_answer(request, context)
+
+        window = self.plane.settings.max_stream_requests
+        async for item in answer_each(request_iterator, answer, window):
+            yield item
+
+    async def _stream_answer(self, request: pb.StreamRequest, context: Any) -> pb.StreamResponse:
+        kind = request.WhichOneof("call")
+
+        async def run(call: CallInfo) -> pb.StreamResponse:
+            if kind == "classify":
+                return pb.StreamResponse(
+                    classify=await self._classify(call, request.classify, context)
+                )
+            if kind == "localize":
+                return pb.StreamResponse(
+                    localize=await self._localize(call, request.localize, context)
+                )
+            raise InvalidArgumentError("a stream request needs classify or localize")
+
+        method = f"Stream{kind.title()}" if kind else "Stream"
+        model = getattr(request, kind).model if kind else None
+        outcome = await self.envelope.run_for_stream(method, context, run, model, request.id)
+        if outcome.ok:
+            response: pb.StreamResponse = outcome.answer
+        else:
+            response = pb.StreamResponse(
+                error=pb.StreamError(
+                    code=outcome.code.name,
+                    message=f"{outcome.message} (request id {outcome.request_id})",
+                    reason=outcome.reason,
+                )
+            )
+        response.id = request.id
+        return response
+
+    async def _classify(
+        self, call: CallInfo, request: pb.ClassifyRequest, context: Any
+    ) -> pb.ClassifyResponse:
+        answer = await self.plane.classify(call, image_request(request, context))
+        results = [pb.Classification(predictions=_predictions(p)) for p in answer.results]
+        return pb.ClassifyResponse(model=answer.model, version=answer.version, results=results)
+
+    async def _localize(
+        self, call: CallInfo, request: pb.LocalizeRequest, context: Any
+    ) -> pb.LocalizeResponse:
+        answer = await self.plane.localize(
+            call, image_request(request, context), request.include_heatmap
+        )
+        results = [_localization(item) for item in answer.results]
+        return pb.LocalizeResponse(model=answer.model, version=answer.version, results=results)
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: Any

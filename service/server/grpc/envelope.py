@@ -67,7 +67,7 @@ class GrpcEnvelope:
         return None
 
     async def run_for_stream(
-        self, method: str, context: Any, handler: Handler, model: str, given_id: str
+        self, method: str, context: Any, handler: Handler, model: str | None, given_id: str
     ) -> Outcome:
         """One request of a stream: its outcome, for the stream's own answer (the
         request's ``id`` is its request id; the stream's status is left alone)."""

@@ -20,7 +20,6 @@ UNIMPLEMENTED. Inputs and outputs: ``service.server.tensors``.
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import numpy as np
@@ -31,6 +30,7 @@ from service.model.errors import InvalidArgumentError
 from service.server.calls import CallInfo
 from service.server.dataplane import DataPlane, TensorRequest
 from service.server.grpc.envelope import GrpcEnvelope
+from service.server.grpc.streams import answer_each
 from service.server.oip_config import config_message
 from service.server.online import deadline_of
 from service.server.statistics import Duration, ModelStatistics
@@ -42,9 +42,6 @@ from service.server.tensors import (
     TensorInfo,
     raw_of,
 )
-
-# What the stream's reader puts last, once every request it read has been answered.
-_END_OF_STREAM = object()
 
 SERVICE_NAME = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
@@ -198,41 +195,15 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         return await self.envelope.run("ModelInfer", context, run, request.model_name)
 
     async def ModelStreamInfer(self, request_iterator: Any, context: Any) -> Any:
-        """Many requests on one stream: each runs as it arrives (up to
-        ``max_stream_requests`` at once per stream), and each is answered, or failed with
-        ``error_message``, on its own, in the order they finish; answers carry the
-        request's id. The stream itself ends only when the client closes its side."""
-        window = asyncio.Semaphore(self.plane.settings.max_stream_requests)
-        answers: asyncio.Queue[Any] = asyncio.Queue()
-        running: set[asyncio.Task[None]] = set()
+        """Many requests on one stream (``service.server.grpc.streams``): each answered,
+        or failed with ``error_message``, on its own, carrying the request's id."""
 
-        async def answer(request: Any) -> None:
-            try:
-                answers.put_nowait(await self._stream_answer(request, context))
-            finally:
-                window.release()
+        async def answer(request: Any) -> Any:
+            return await self._stream_answer(request, context)
 
-        async def read() -> None:
-            try:
-                async for request in request_iterator:
-                    await window.acquire()
-                    task = asyncio.get_running_loop().create_task(answer(request))
-                    running.add(task)
-                    task.add_done_callback(running.discard)
-                while running:
-                    await asyncio.wait(set(running))
-            finally:
-                answers.put_nowait(_END_OF_STREAM)
-
-        reader = asyncio.get_running_loop().create_task(read())
-        try:
-            while (item := await answers.get()) is not _END_OF_STREAM:
-                yield item
-            await reader  # the client's own error, if reading failed
-        finally:
-            reader.cancel()
-            for task in list(running):
-                task.cancel()
+        window = self.plane.settings.max_stream_requests
+        async for item in answer_each(request_iterator, answer, window):
+            yield item
 
     async def _stream_answer(self, request: Any, context: Any) -> Any:
         async def run(call: CallInfo) -> Any:

@@ -5,7 +5,7 @@ POST /v2/repository/models/{m}/load    rescan and serve a model now
 POST /v2/repository/models/{m}/unload  retire every version of a model
 GET  /v2/repository/models/{m}/traffic the split of calls that name no version
 PUT  /v2/repository/models/{m}/traffic {"weights": {"1": 90, "2": 10}}: publish a new split
-                                       (``service.server.traffic``)
+DELETE /v2/repository/models/{m}/traffic withdraw it (``service.server.traffic``)
 """
 
 from __future__ import annotations
@@ -98,3 +98,13 @@ async def set_traffic(request: Request, model: str) -> Response:
         return JSONResponse(_traffic_json(plane.set_traffic(call, model, body.weights)))
 
     return await parts(request).envelope.run("http:RepositorySetTraffic", request, model, run)
+
+
+@router.delete("/v2/repository/models/{model}/traffic", tags=["repository"])
+async def clear_traffic(request: Request, model: str) -> Response:
+    plane = parts(request).plane
+
+    def build(call: CallInfo) -> Response:
+        return JSONResponse(_traffic_json(plane.clear_traffic(call, model)))
+
+    return await respond(request, "http:RepositoryClearTraffic", model, build)

@@ -243,3 +243,46 @@ def test_predictions_are_counted_by_class_and_score(server: ServerProcess) -> No
     predicted = metric_value(text, "classifier_predictions_total", model="demo")
     scored = metric_value(text, "classifier_top1_score_count", model="demo")
     assert answered > 0 and predicted == answered == scored
+
+
+def test_the_sdk_streams_answer_in_the_order_sent_sync_and_async(
+    server: ServerProcess, quick_model: dict[str, Path]
+) -> None:
+    import asyncio
+
+    from service.client import AsyncClassifierClient, StreamFailure, StreamItem
+
+    images = photos(quick_model, 6)
+    items = [
+        StreamItem(
+            [b"junk"] if i == 7 else [images[i % 6], images[(i + 1) % 6]], model="demo", version="1"
+        )
+        for i in range(20)
+    ]
+    with server.client() as client:
+        expected = [
+            client.classify(item.images, model="demo", version="1")
+            for item in items
+            if item.images != [b"junk"]
+        ]
+        answers = list(client.stream(iter(items), window=4))
+    assert len(answers) == 20
+    failure = answers.pop(7)
+    assert isinstance(failure, StreamFailure) and failure.code == "INVALID_ARGUMENT"
+    assert failure.reason == "invalid_image" and not failure.retryable
+    for got, want in zip(answers, expected, strict=True):
+        assert not isinstance(got, StreamFailure)
+        assert [r.top.index for r in got] == [r.top.index for r in want]
+        assert got[0].version == "1"
+
+    async def in_asyncio() -> list[object]:
+        async with AsyncClassifierClient(server.target) as client:
+            return [a async for a in client.stream(items[:5], window=2)]
+
+    streamed = asyncio.run(in_asyncio())
+    assert (
+        [[r.top.index for r in a] for a in streamed]
+        == [  # type: ignore[attr-defined]
+            [r.top.index for r in w] for w in expected[:5]
+        ]
+    )

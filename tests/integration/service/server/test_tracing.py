@@ -176,7 +176,7 @@ def test_an_http_call_with_a_traceparent_header_joins_that_trace(
     assert attributes(call.attributes)["rpc.method"] == "http:Classify"
 
 
-def test_the_grpc_scoring_engine_carries_the_callers_trace(
+def test_the_grpc_scoring_engine_carries_the_callers_trace_on_its_streams(
     traced_server: ServerProcess, receiver: Receiver, quick_model: dict[str, Path]
 ) -> None:
     paths = [str(p) for p in sorted((quick_model["data"] / "val").rglob("*.jpg"))[:6]]
@@ -188,11 +188,17 @@ def test_the_grpc_scoring_engine_carries_the_callers_trace(
     finally:
         engine.close()
     assert len(rows) == 6
+    # The engine sends its requests on classifier.v1 streams: each request its own span,
+    # all in the job's trace.
     trace_id = span.get_span_context().trace_id.to_bytes(16, "big")
-    calls = [s for s in receiver.trace(trace_id, {"Classify"}) if s.name == "Classify"]
+    parent = span.get_span_context().span_id.to_bytes(8, "big")
     deadline = time.monotonic() + 10
-    while len(calls) < 2:  # one per request of 3 images
-        assert time.monotonic() < deadline
+    while True:
+        calls = [
+            s for s in receiver.trace(trace_id, {"StreamClassify"}) if s.name == "StreamClassify"
+        ]
+        if len(calls) >= 2 or time.monotonic() > deadline:
+            break
         time.sleep(0.05)
-        calls = [s for s in receiver.trace(trace_id, {"Classify"}) if s.name == "Classify"]
-    assert len(calls) == 2
+    assert len(calls) == 2  # one per request of 3 images
+    assert all(c.parent_span_id == parent for c in calls)

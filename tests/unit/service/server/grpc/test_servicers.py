@@ -214,3 +214,46 @@ def test_model_statistics_in_protobuf(tmp_path: Path) -> None:
         assert context.code is grpc.StatusCode.NOT_FOUND
 
     run(tmp_path, scenario)
+
+
+def test_a_classifier_stream_answers_classify_and_localize_each_on_its_own(
+    tmp_path: Path,
+) -> None:
+    async def scenario(s: Servicers) -> None:
+        classifier, _, plane = s
+
+        async def requests() -> Any:
+            yield pb.StreamRequest(
+                id="a",
+                classify=pb.ClassifyRequest(
+                    model=MODEL, images=[pb.Image(encoded=jpeg((9, 9, 9)))]
+                ),
+            )
+            yield pb.StreamRequest(
+                id="b",
+                localize=pb.LocalizeRequest(
+                    model=MODEL, images=[pb.Image(encoded=jpeg((1, 90, 9)))]
+                ),
+            )
+            yield pb.StreamRequest(
+                id="c", classify=pb.ClassifyRequest(model=MODEL, images=[pb.Image(encoded=b"junk")])
+            )
+            yield pb.StreamRequest(id="d")  # neither classify nor localize
+
+        context = FakeContext()
+        answers = {a.id: a async for a in classifier.Stream(requests(), context)}
+        assert context.code is None
+        assert sorted(answers) == ["a", "b", "c", "d"]
+        assert answers["a"].classify.version == "1" and answers["a"].classify.results
+        # The tiny model has neither a box head nor CAM outputs: its own error, alone.
+        assert answers["b"].error.code == "INVALID_ARGUMENT", answers["b"]
+        assert "localize" in answers["b"].error.message
+        assert answers["c"].error.code == "INVALID_ARGUMENT"
+        assert answers["c"].error.reason == "invalid_image"
+        assert "(request id c)" in answers["c"].error.message
+        assert answers["d"].error.code == "INVALID_ARGUMENT"
+        assert plane.count("StreamClassify", "OK", MODEL) == 1
+        assert plane.count("StreamLocalize", "INVALID_ARGUMENT", MODEL) == 1
+        assert plane.count("StreamClassify", "INVALID_ARGUMENT", MODEL) == 1
+
+    run(tmp_path, scenario)

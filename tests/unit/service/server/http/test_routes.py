@@ -181,3 +181,5 @@ def test_statistics_and_traffic_routes(served: tuple[TestClient, Plane]) -> None
     bad = client.put(f"/v2/repository/models/{MODEL}/traffic", json={"weights": {"x": 1}})
     assert bad.status_code == 400 and "not a number" in bad.json()["error"]
     assert client.put(f"/v2/repository/models/{MODEL}/traffic", content=b"[").status_code == 400
+    cleared = client.delete(f"/v2/repository/models/{MODEL}/traffic").json()
+    assert cleared["weights"] == {} and cleared["source"].startswith("none")
