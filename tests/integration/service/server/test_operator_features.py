@@ -275,14 +275,11 @@ def test_the_sdk_streams_answer_in_the_order_sent_sync_and_async(
         assert [r.top.index for r in got] == [r.top.index for r in want]
         assert got[0].version == "1"
 
-    async def in_asyncio() -> list[object]:
+    async def in_asyncio() -> list[list[int]]:
         async with AsyncClassifierClient(server.target) as client:
-            return [a async for a in client.stream(items[:5], window=2)]
+            return [
+                [r.top.index for r in a]  # type: ignore[union-attr]
+                async for a in client.stream(items[:5], window=2)
+            ]
 
-    streamed = asyncio.run(in_asyncio())
-    assert (
-        [[r.top.index for r in a] for a in streamed]
-        == [  # type: ignore[attr-defined]
-            [r.top.index for r in w] for w in expected[:5]
-        ]
-    )
+    assert asyncio.run(in_asyncio()) == [[r.top.index for r in w] for w in expected[:5]]
