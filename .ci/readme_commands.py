@@ -43,6 +43,7 @@ SERVE_GIVE_UP_SECONDS = 1200.0
 CREATED = [
     "models/demo/2",
     "models/demo/.incoming",
+    "models/demo/traffic.json",
     "server.key",
     "server.pem",
     "tokens",
@@ -85,6 +86,7 @@ POLICIES: dict[str, Policy] = {
     ),
     "python -m bench report": Policy("bounded", 60, "the interleaved report takes minutes"),
     "python -m bench scoring": Policy("bounded", 90, "measures every engine for minutes"),
+    "python -m bench features": Policy("bounded", 60, "six variants, three rounds: minutes"),
     "python -m service.scoring --engine ray": Policy("run", 300, "Ray starts in ~30 s"),
 }
 
