@@ -23,7 +23,7 @@ from bench.processes import ROOT
 from service.proto_gen.classifier.v1 import classifier_pb2 as pb
 from service.proto_gen.classifier.v1 import classifier_pb2_grpc as pb_grpc
 from service.server import eventloop
-from service.server.config import load_settings
+from service.server.config_loading import load_settings
 from service.server.main import server_options
 from service.server.workers import tie_to_parent
 

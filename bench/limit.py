@@ -20,7 +20,8 @@ from service.model.offline import run_pipeline
 from service.model.postprocess import top_k
 from service.model.preprocess import preprocess_encoded
 from service.model.runner import Runner
-from service.server.config import Settings, load_settings
+from service.server.config import Settings
+from service.server.config_loading import load_settings
 
 
 @dataclass

@@ -37,7 +37,7 @@ from bench.processes import (
 from bench.workload import SCRATCH, latest_model, load_folder, photo_folder, resnet50_model
 from service.model.cores import cpu_count
 from service.server import eventloop
-from service.server.config import build_parser, load_settings, parse_flag_values
+from service.server.config_loading import build_parser, load_settings, parse_flag_values
 
 PEER_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "peers" / "pytriton"
 

@@ -8,7 +8,12 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    from service.server.config import ConfigError, build_parser, load_settings, parse_flag_values
+    from service.server.config_loading import (
+        ConfigError,
+        build_parser,
+        load_settings,
+        parse_flag_values,
+    )
 
     args = build_parser().parse_args(argv)
     config = args.config or (

@@ -805,7 +805,7 @@ def limit_main(model: Path, images: Path, out: Path) -> int:
     from bench.limit import measure_limit
     from bench.workload import load_folder
     from service.model.runner import Runner
-    from service.server.config import load_settings
+    from service.server.config_loading import load_settings
 
     base: dict[str, Any] = {
         "providers": CUDA_PROVIDERS.split(","),

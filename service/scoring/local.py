@@ -18,7 +18,8 @@ from service.model.postprocess import locate, top_k
 from service.model.runner import Runner
 from service.model.spec import ModelSpec
 from service.scoring.rows import Row
-from service.server.config import Settings, load_settings
+from service.server.config import Settings
+from service.server.config_loading import load_settings
 
 
 def check_task(spec: ModelSpec, task: str) -> None:

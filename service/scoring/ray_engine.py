@@ -38,7 +38,7 @@ class _ScoringActor:
         import ray
 
         from service.scoring.local import LocalEngine
-        from service.server.config import load_settings
+        from service.server.config_loading import load_settings
 
         model_bytes = ray.get(model_ref) if isinstance(model_ref, ray.ObjectRef) else model_ref
         # ONNX Runtime loads from a file; this actor's copy of the model's bytes.

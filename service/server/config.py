@@ -11,12 +11,11 @@ start; each bad field gets its own line in the error.
 
 from __future__ import annotations
 
-import argparse
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -25,17 +24,13 @@ from pydantic_settings import (
 )
 
 from service.model.cores import cpu_count
-from service.model.flags import NONE_WORDS, add_model_flags, collect_flag_values
+from service.model.flags import NONE_WORDS
 from service.model.image_header import ImageLimits
 from service.model.runner_options import DEFAULT_PROVIDERS, RunnerOptions
 from service.server.config_rules import auto_worker_count, check_consistent
 
 ENV_PREFIX = "CLASSIFIER_"
-_yaml_file: ContextVar[Path | None] = ContextVar("_yaml_file", default=None)
-
-
-class ConfigError(ValueError):
-    """Settings that cannot be used; the message has one line per problem."""
+YAML_FILE: ContextVar[Path | None] = ContextVar("YAML_FILE", default=None)
 
 
 class Settings(BaseSettings):
@@ -335,7 +330,7 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # First wins: flags (passed as init values) > environment > YAML file > defaults.
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        yaml_file = _yaml_file.get()
+        yaml_file = YAML_FILE.get()
         if yaml_file is not None:
             sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file))
         return tuple(sources)
@@ -374,45 +369,3 @@ class Settings(BaseSettings):
             opt_batch_size=max(self.preferred_batch_sizes, default=0),
             cudnn_conv_algo_search=self.cudnn_conv_algo_search,
         )
-
-
-def load_settings(config_file: Path | None = None, **flags: Any) -> Settings:
-    """Build validated settings; raises ConfigError with one line per bad field."""
-    if config_file is not None and not Path(config_file).is_file():
-        raise ConfigError(f"config file {config_file} does not exist")
-    token = _yaml_file.set(Path(config_file) if config_file else None)
-    try:
-        # None is a value here ("none" on the command line turns a port off); flags that
-        # were not given never reach this call (collect_flag_values leaves them out).
-        return Settings(**flags)
-    except ValidationError as exc:
-        lines = []
-        for error in exc.errors():
-            field = ".".join(str(p) for p in error["loc"]) or "settings"
-            got = f" (got {error['input']!r})" if "input" in error and error["loc"] else ""
-            lines.append(f"  {field}: {error['msg']}{got}")
-        raise ConfigError("invalid settings:\n" + "\n".join(lines)) from None
-    finally:
-        _yaml_file.reset(token)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m service",
-        description="Serve image classification and localization models over gRPC.",
-        epilog=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "--config", type=Path, help=f"YAML file of settings (env: {ENV_PREFIX}CONFIG)"
-    )
-    parser.add_argument(
-        "--print-config", action="store_true", help="print the effective settings as JSON and exit"
-    )
-    add_model_flags(parser, Settings, env_prefix=ENV_PREFIX)
-    return parser
-
-
-def parse_flag_values(namespace: argparse.Namespace) -> dict[str, Any]:
-    """Flag strings → values pydantic can validate (lists and dicts given as JSON or a,b,c)."""
-    return collect_flag_values(namespace, Settings)

@@ -1,13 +1,14 @@
-"""Turning a published file into a servable version: wait until the file stops changing,
-open it (ONNX Runtime session, graph checked against its ModelSpec, warm-up at every batch
-size the batcher can form, the GPU decoder if configured), and start its batcher. The
-repository decides what to load and keeps the state; this module does the loading."""
+"""Turning published files into servable versions: which versions the policy serves; wait
+until a file stops changing; open it (ONNX Runtime session, graph checked against its
+ModelSpec, warm-up at every batch size the batcher can form, the GPU decoder if
+configured); start its batcher. The repository keeps the state; this module loads."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from pathlib import Path
 
@@ -22,6 +23,28 @@ log = logging.getLogger(__name__)
 
 # A file still changing after this long is left for the next rescan.
 SETTLE_GIVE_UP_SECONDS = 30.0
+
+
+async def select_versions(
+    policy: str,
+    on_disk: Mapping[int, Path],
+    asked: Sequence[int],
+    ensure: Callable[[int], Awaitable[bool]],
+) -> tuple[set[int], list[int]]:
+    """The versions of a model the policy serves, each loaded (``ensure``: True when
+    READY), and the versions asked for that are not on disk. ``latest``: the newest that
+    loads (a newer one that fails leaves the older one); ``all``: every version on disk;
+    ``specific``: those ``asked``."""
+    if policy == "latest":
+        for version in sorted(on_disk, reverse=True):
+            if await ensure(version):
+                return {version}, []
+        return set(), []
+    candidates = sorted(on_disk) if policy == "all" else [v for v in asked if v in on_disk]
+    for version in candidates:
+        await ensure(version)
+    absent = [] if policy == "all" else sorted(set(asked) - set(on_disk))
+    return set(candidates), absent
 
 
 async def settled_fingerprint(

@@ -9,7 +9,7 @@ from typing import Any
 from google.protobuf.json_format import MessageToDict
 from tritonclient.grpc import model_config_pb2 as mc
 
-from service.server.dataplane import ModelConfiguration
+from service.server.domain import ModelConfiguration
 from service.server.tensors import TensorInfo
 
 _CONFIG_TYPES = {

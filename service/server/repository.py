@@ -17,8 +17,7 @@ The rules every path here keeps (DESIGN.md, "Model lifecycle"):
   ``<name>/<version>``": dot-folders are never read, and a file modified within
   ``repository_settle_seconds`` is watched until it stops changing before it is loaded.
 
-Policies: ``latest`` serves the newest version that loads (a newer one that fails leaves
-the older one serving), ``all`` every version, ``specific`` the configured ones.
+Policies (``loading.select_versions``): ``latest``, ``all``, ``specific``.
 
 Explicit control (the Open Inference Protocol's repository extension): ``load_model``
 rescans one model now (new versions swap in by the rules above) and serves it even if
@@ -40,7 +39,12 @@ from service.model.errors import InvalidArgumentError, NotFoundError, Unavailabl
 from service.model.layout import MODEL_FILE, scan
 from service.model.runner_options import RunnerOptions
 from service.server.config import Settings
-from service.server.loading import open_runner, settled_fingerprint, start_batcher
+from service.server.loading import (
+    open_runner,
+    select_versions,
+    settled_fingerprint,
+    start_batcher,
+)
 from service.server.metrics import Metrics
 from service.server.traffic import TrafficSplit
 from service.server.versions import (
@@ -106,7 +110,7 @@ class ModelRepository:
                     del self._failures[key]
                     self.metrics.forget_version(name, str(version))
             for name in self._known - set(names):
-                if name not in self._versions and not self._retiring_names({name}):
+                if name not in self._versions and not any(e.name == name for e in self._retiring):
                     self._known.discard(name)
                     self.metrics.forget_model(name)
             for name, reason in missing.items():
@@ -139,25 +143,15 @@ class ModelRepository:
     async def _reconcile(
         self, name: str, on_disk: dict[int, Path], missing: dict[str, str]
     ) -> None:
-        policy = self.settings.version_policy
-        if policy == "latest":
-            selected: set[int] = set()
-            for version in sorted(on_disk, reverse=True):
-                if await self._ensure(name, version, on_disk[version]):
-                    selected = {version}
-                    break
-        else:
-            if policy == "all":
-                candidates = sorted(on_disk)
-            else:
-                asked = self.settings.versions.get(name, [])
-                candidates = [v for v in asked if v in on_disk]
-                absent = sorted(set(asked) - set(on_disk))
-                if absent:
-                    missing[name] = f"versions {absent} not in {self.root / name}"
-            selected = set(candidates)
-            for version in candidates:
-                await self._ensure(name, version, on_disk[version])
+        async def ensure(version: int) -> bool:
+            return await self._ensure(name, version, on_disk[version])
+
+        asked = self.settings.versions.get(name, [])
+        selected, absent = await select_versions(
+            self.settings.version_policy, on_disk, asked, ensure
+        )
+        if absent:
+            missing[name] = f"versions {absent} not in {self.root / name}"
         served = self._versions.get(name, {})
         replacement_ready = any(v in served for v in selected)
         for version, entry in list(served.items()):
@@ -293,9 +287,6 @@ class ModelRepository:
         if entry.version not in self._versions.get(entry.name, {}) and key not in self._loading:
             self.metrics.forget_version(entry.name, str(entry.version))
         log.info("model %s version %d unloaded", entry.name, entry.version)
-
-    def _retiring_names(self, names: set[str]) -> bool:
-        return any(e.name in names for e in self._retiring)
 
     # --- polling ---------------------------------------------------------------------
 

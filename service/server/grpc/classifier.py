@@ -15,7 +15,8 @@ from service.model.results import Box, Localization, Prediction
 from service.proto_gen.classifier.v1 import classifier_pb2 as pb
 from service.proto_gen.classifier.v1 import classifier_pb2_grpc as pb_grpc
 from service.server.calls import CallInfo
-from service.server.dataplane import DataPlane, ImageRequest, ModelSummary
+from service.server.dataplane import DataPlane
+from service.server.domain import ImageRequest, ModelSummary
 from service.server.grpc.envelope import GrpcEnvelope
 from service.server.grpc.streams import answer_each
 from service.server.online import deadline_of

@@ -28,7 +28,8 @@ from tritonclient.grpc import service_pb2_grpc as oip_grpc
 
 from service.model.errors import InvalidArgumentError
 from service.server.calls import CallInfo
-from service.server.dataplane import DataPlane, TensorRequest
+from service.server.dataplane import DataPlane
+from service.server.domain import TensorRequest
 from service.server.grpc.envelope import GrpcEnvelope
 from service.server.grpc.streams import answer_each
 from service.server.oip_config import config_message

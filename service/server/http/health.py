@@ -15,7 +15,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from service.server.calls import CallInfo
-from service.server.dataplane import ModelMetadata
+from service.server.domain import ModelMetadata
 from service.server.http.envelope import parts, respond
 from service.server.oip_config import config_json
 from service.server.tensors import TensorInfo

@@ -18,7 +18,7 @@ from fastapi.responses import Response
 
 from service.model.errors import InvalidArgumentError
 from service.server.calls import CallInfo
-from service.server.dataplane import Answer, TensorRequest
+from service.server.domain import Answer, TensorRequest
 from service.server.http.body import InferRequestBody, flatten, parse_json, validated
 from service.server.http.envelope import parts
 from service.server.online import deadline_of

@@ -17,7 +17,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from service.server.calls import CallInfo
-from service.server.dataplane import Traffic
+from service.server.domain import Traffic
 from service.server.http.body import IndexRequestBody, TrafficRequestBody, parse_json, validated
 from service.server.http.envelope import parts, respond
 

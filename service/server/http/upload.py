@@ -17,7 +17,7 @@ from service.model.errors import InvalidArgumentError
 from service.model.results import Localization, Prediction
 from service.server.calls import CallInfo
 from service.server.config import Settings
-from service.server.dataplane import ImageRequest, ModelSummary
+from service.server.domain import ImageRequest, ModelSummary
 from service.server.http.envelope import parts, respond
 
 router = APIRouter()

@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 import yaml
 
-from service.server.config import Settings, load_settings
+from service.server.config import Settings
+from service.server.config_loading import load_settings
 from service.server.metrics import Metrics
 from service.server.workers import RESTARTS_METRIC
 

@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from service.model.cores import cpu_count
 from service.proto_gen.classifier.v1 import classifier_pb2 as pb
 from service.proto_gen.classifier.v1 import classifier_pb2_grpc as pb_grpc
-from service.server.config import load_settings
+from service.server.config_loading import load_settings
 from service.server.workers import Supervisor
 from tests.integration.service.conftest import ServerProcess, copy_model, publish
 

@@ -166,7 +166,7 @@ def test_the_request_pipeline_sends_encoded_images_to_the_device_and_keeps_order
     from service.proto_gen.classifier.v1 import classifier_pb2 as pb
     from service.server.batching import BatcherConfig, DynamicBatcher
     from service.server.calls import CallInfo
-    from service.server.config import load_settings
+    from service.server.config_loading import load_settings
     from service.server.metrics import Metrics
     from service.server.online import RequestPipeline
     from service.server.versions import ModelVersion

@@ -17,7 +17,7 @@ from service.model.spec import (
     ResizeMode,
     Task,
 )
-from service.server.config import load_settings
+from service.server.config_loading import load_settings
 
 
 def _spec(**metrics: float) -> ModelSpec:

@@ -17,7 +17,8 @@ from PIL import Image
 
 from service.server.auth import TokenStore
 from service.server.calls import CallEnvelope, CallLog
-from service.server.config import Settings, load_settings
+from service.server.config import Settings
+from service.server.config_loading import load_settings
 from service.server.dataplane import DataPlane
 from service.server.metrics import Metrics
 from service.server.online import RequestPipeline

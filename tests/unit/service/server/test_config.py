@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from service.model.cores import cpu_count
-from service.server.config import (
+from service.server.config import Settings
+from service.server.config_loading import (
     ConfigError,
-    Settings,
     build_parser,
     load_settings,
     parse_flag_values,

@@ -17,7 +17,7 @@ from service.model.errors import (
     UnavailableError,
 )
 from service.server.calls import CallInfo
-from service.server.dataplane import ImageRequest, TensorRequest
+from service.server.domain import ImageRequest, TensorRequest
 from service.server.tensors import BYTES_INPUT, InputTensor, OutputRequest, pack_bytes
 from tests.unit.service.server.planes import (
     MODEL,

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from service.server.calls import CallInfo
-from service.server.dataplane import ImageRequest
+from service.server.domain import ImageRequest
 from service.server.metrics import Metrics
 from service.server.predictions import OTHER, PredictionWatch
 from tests.unit.service.model.gpu_decode_models import spec_for

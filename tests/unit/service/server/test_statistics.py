@@ -13,7 +13,7 @@ import pytest
 
 from service.model.errors import NotFoundError
 from service.server.calls import CallInfo
-from service.server.dataplane import ImageRequest
+from service.server.domain import ImageRequest
 from service.server.statistics import BATCH_STATS, REQUEST_STATS
 from tests.unit.service.server.planes import MODEL, Plane, Scenario, build_plane, jpeg, publish
 

@@ -17,8 +17,8 @@ import pytest
 from service.model.errors import InvalidArgumentError
 from service.server import traffic as traffic_module
 from service.server.calls import CallInfo
-from service.server.config import ConfigError, load_settings
-from service.server.dataplane import ImageRequest
+from service.server.config_loading import ConfigError, load_settings
+from service.server.domain import ImageRequest
 from service.server.traffic import TRAFFIC_FILE, TrafficSplit, checked_weights
 from tests.unit.service.server.planes import MODEL, Plane, build_plane, jpeg, publish
 

@@ -6,7 +6,7 @@ import os
 import shutil
 from pathlib import Path
 
-from service.server.config import load_settings
+from service.server.config_loading import load_settings
 from service.server.worker_metrics import MULTIPROC_ENV
 from service.server.workers import Supervisor
 
