@@ -5,6 +5,7 @@ through it, so they start no server and train nothing."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -94,3 +95,16 @@ def pixels(colour: tuple[int, int, int], side: int = 64) -> np.ndarray:
 
 
 Scenario = Callable[[Plane], Awaitable[None]]
+
+
+def run_scenario(root: Path, scenario: Scenario, **settings: object) -> None:
+    """``scenario`` on a data plane over ``root``, in a fresh event loop."""
+
+    async def main() -> None:
+        plane = await build_plane(root, **settings)  # type: ignore[arg-type]
+        try:
+            await scenario(plane)
+        finally:
+            await plane.close()
+
+    asyncio.run(main())

@@ -22,23 +22,11 @@ from service.server.tensors import BYTES_INPUT, InputTensor, OutputRequest, pack
 from tests.unit.service.server.planes import (
     MODEL,
     Plane,
-    Scenario,
-    build_plane,
     jpeg,
     pixels,
     publish,
+    run_scenario,
 )
-
-
-def run(root: Path, scenario: Scenario, **settings: object) -> None:
-    async def main() -> None:
-        plane = await build_plane(root, **settings)  # type: ignore[arg-type]
-        try:
-            await scenario(plane)
-        finally:
-            await plane.close()
-
-    asyncio.run(main())
 
 
 @pytest.fixture
@@ -61,7 +49,7 @@ def test_classify_answers_from_the_newest_version_with_the_default_top_k(root: P
         one = await p.plane.classify(call, ImageRequest(MODEL, "1", [jpeg((1, 2, 3))], top_k=1))
         assert one.version == "1" and len(one.results[0]) == 1
 
-    run(root, scenario, version_policy="all")
+    run_scenario(root, scenario, version_policy="all")
 
 
 def test_errors_name_the_problem(root: Path) -> None:
@@ -77,7 +65,7 @@ def test_errors_name_the_problem(root: Path) -> None:
         with pytest.raises(InvalidArgumentError):  # a classifier cannot localize
             await p.plane.localize(call, ImageRequest(MODEL, "", [jpeg((1, 1, 1))]), False)
 
-    run(root, scenario, max_images_per_request=2)
+    run_scenario(root, scenario, max_images_per_request=2)
 
 
 def test_tensor_inference_gets_the_default_outputs_or_those_asked_for(root: Path) -> None:
@@ -96,7 +84,7 @@ def test_tensor_inference_gets_the_default_outputs_or_those_asked_for(root: Path
             bad = [OutputRequest("nope", 0, {})]
             await p.plane.infer(CallInfo(""), TensorRequest(MODEL, "1", inputs, bad))
 
-    run(root, scenario, version_policy="all")
+    run_scenario(root, scenario, version_policy="all")
 
 
 def test_metadata_config_and_readiness(root: Path) -> None:
@@ -115,7 +103,7 @@ def test_metadata_config_and_readiness(root: Path) -> None:
         }
         assert p.plane.model_summary(call, MODEL, "").spec is not None
 
-    run(root, scenario, version_policy="all")
+    run_scenario(root, scenario, version_policy="all")
 
 
 def test_repository_control_unloads_and_loads_and_refuses_a_model_that_cannot_load(
@@ -141,4 +129,4 @@ def test_repository_control_unloads_and_loads_and_refuses_a_model_that_cannot_lo
         with pytest.raises(NotFoundError):
             await p.plane.load(call, "absent")
 
-    run(root, scenario)
+    run_scenario(root, scenario)

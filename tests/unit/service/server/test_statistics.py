@@ -5,7 +5,6 @@ time went."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from pathlib import Path
 
@@ -15,18 +14,13 @@ from service.model.errors import NotFoundError
 from service.server.calls import CallInfo
 from service.server.domain import ImageRequest
 from service.server.statistics import BATCH_STATS, REQUEST_STATS
-from tests.unit.service.server.planes import MODEL, Plane, Scenario, build_plane, jpeg, publish
-
-
-def run(root: Path, scenario: Scenario, **settings: object) -> None:
-    async def main() -> None:
-        plane = await build_plane(root, **settings)  # type: ignore[arg-type]
-        try:
-            await scenario(plane)
-        finally:
-            await plane.close()
-
-    asyncio.run(main())
+from tests.unit.service.server.planes import (
+    MODEL,
+    Plane,
+    jpeg,
+    publish,
+    run_scenario,
+)
 
 
 @pytest.fixture
@@ -70,7 +64,7 @@ def test_counts_and_durations_of_answered_and_failed_requests(root: Path) -> Non
             assert all(getattr(batch, s).ns > 0 for s in BATCH_STATS[1:])
         assert started_ms - 1 <= stats.last_inference <= time.time() * 1000 + 1
 
-    run(root, scenario)
+    run_scenario(root, scenario)
 
 
 def test_which_versions_a_statistics_call_covers(root: Path) -> None:
@@ -86,7 +80,7 @@ def test_which_versions_a_statistics_call_covers(root: Path) -> None:
         with pytest.raises(NotFoundError):
             p.plane.statistics(CallInfo(""), MODEL, "7")
 
-    run(root, scenario, version_policy="all")
+    run_scenario(root, scenario, version_policy="all")
 
 
 def test_statistics_and_metrics_are_the_same_counters(root: Path) -> None:
@@ -107,4 +101,4 @@ def test_statistics_and_metrics_are_the_same_counters(root: Path) -> None:
         images = (("model", MODEL), ("version", "2"))
         assert samples[("classifier_images_total", images)] == stats.inference_count
 
-    run(root, scenario)
+    run_scenario(root, scenario)

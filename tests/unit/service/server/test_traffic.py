@@ -4,7 +4,6 @@ broken or unwritable file does, and the split through a real in-process data pla
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import os
@@ -20,7 +19,7 @@ from service.server.calls import CallInfo
 from service.server.config_loading import ConfigError, load_settings
 from service.server.domain import ImageRequest
 from service.server.traffic import TRAFFIC_FILE, TrafficSplit, checked_weights
-from tests.unit.service.server.planes import MODEL, Plane, build_plane, jpeg, publish
+from tests.unit.service.server.planes import MODEL, Plane, jpeg, publish, run_scenario
 
 
 def within_binomial_error(hits: int, n: int, p: float, sigmas: float = 4.0) -> bool:
@@ -98,11 +97,4 @@ def test_calls_that_name_no_version_follow_the_published_split(tmp_path: Path) -
         with pytest.raises(InvalidArgumentError):
             p.plane.set_traffic(CallInfo(""), MODEL, {"1": 0})
 
-    async def main() -> None:
-        plane = await build_plane(tmp_path, version_policy="all")
-        try:
-            await scenario(plane)
-        finally:
-            await plane.close()
-
-    asyncio.run(main())
+    run_scenario(tmp_path, scenario, version_policy="all")
