@@ -47,12 +47,14 @@ def server(
         "0",
         workers=2,
     )
-    deadline = time.monotonic() + 90
-    while sum(m == "worker serving" for m in process.messages()) < 2:  # both workers
-        assert time.monotonic() < deadline, process.messages()[-5:]
-        time.sleep(0.2)
-    yield process
-    process.kill()
+    try:
+        deadline = time.monotonic() + 90
+        while sum(m == "worker serving" for m in process.messages()) < 2:  # both workers
+            assert time.monotonic() < deadline, process.messages()[-5:]
+            time.sleep(0.2)
+        yield process
+    finally:
+        process.kill()
 
 
 def photos(quick_model: dict[str, Path], count: int) -> list[bytes]:

@@ -102,9 +102,11 @@ def traced_server(quick_model: dict[str, Path], receiver: Receiver) -> Iterator[
             "OTEL_BSP_SCHEDULE_DELAY": "50",
         },
     )
-    server.wait_for_event("serving")
-    yield server
-    server.kill()
+    try:
+        server.wait_for_event("serving")
+        yield server
+    finally:
+        server.kill()
 
 
 def photos(quick_model: dict[str, Path], count: int) -> list[bytes]:
