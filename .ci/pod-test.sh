@@ -146,17 +146,25 @@ grep -q "$(basename "$JPEG")" "$W/pod/classify.txt" || fail "gRPC Classify answe
 curl -sf --data-binary "@$JPEG" -H 'Content-Type: image/jpeg' \
     "http://127.0.0.1:$HTTP_PORT/v1/models/demo:classify?top_k=1" | tee "$W/pod/rest.json"; echo
 grep -q '"version":"1"' "$W/pod/rest.json" || fail "REST classify did not answer from version 1"
-# To a file, not a pipe: `grep -q` stops reading at the first match, and curl, still
-# writing a page larger than the pipe's buffer, then fails with EPIPE, failing the pipeline.
-CURL_RC=0
-HTTP_CODE=$(curl -s -o "$W/pod/metrics.txt" -w '%{http_code}' \
-    "http://127.0.0.1:$METRICS_PORT/metrics") || CURL_RC=$?
-if [ "$CURL_RC" != 0 ] || [ "$HTTP_CODE" != 200 ] \
-    || ! grep -q '^classifier_requests_total' "$W/pod/metrics.txt"; then
-    grep '^classifier_requests\|^classifier_model_ready' "$W/pod/metrics.txt" || head -c 600 "$W/pod/metrics.txt"
-    "${PODMAN[@]}" logs "$CONTAINER" 2>&1 | tail -20
-    fail "/metrics on the metrics port: curl exit $CURL_RC, HTTP $HTTP_CODE, classifier_requests_total above?"
-fi
+# Each failed attempt is reported (so a transient shows in the log), and it fails after
+# 10 s. To a file, not a pipe: `grep -q` stops reading at the first match, and curl, still
+# writing, would fail the pipeline under pipefail.
+for attempt in $(seq 10); do
+    CURL_RC=0
+    HTTP_CODE=$(curl -s -o "$W/pod/metrics.txt" -w '%{http_code}' \
+        "http://127.0.0.1:$METRICS_PORT/metrics") || CURL_RC=$?
+    if [ "$CURL_RC" = 0 ] && [ "$HTTP_CODE" = 200 ] \
+        && grep -q '^classifier_requests_total' "$W/pod/metrics.txt"; then
+        break
+    fi
+    echo "/metrics attempt $attempt: curl exit $CURL_RC, HTTP $HTTP_CODE, $(grep -c '^classifier_requests_total' "$W/pod/metrics.txt" 2>/dev/null || true) classifier_requests_total lines"
+    if [ "$attempt" = 10 ]; then
+        grep '^classifier_requests\|^classifier_model_ready' "$W/pod/metrics.txt" || head -c 600 "$W/pod/metrics.txt"
+        "${PODMAN[@]}" logs "$CONTAINER" 2>&1 | tail -20
+        fail "/metrics on the metrics port: curl exit $CURL_RC, HTTP $HTTP_CODE"
+    fi
+    sleep 1
+done
 echo "/metrics: $(wc -c <"$W/pod/metrics.txt") bytes, classifier_requests_total present"
 
 step "a second version published into the claim is served (the manifest polls every 30 s)"
