@@ -312,9 +312,13 @@ class DynamicBatcher:
                 infer=finished - started,
                 output=time.monotonic() - finished,
             )
-            made = self._hooks.batch_done(
-                len(batch), dispatched, timing, [dispatched - item.enqueued for item in batch]
-            )
+            try:
+                made = self._hooks.batch_done(
+                    len(batch), dispatched, timing, [dispatched - item.enqueued for item in batch]
+                )
+            except Exception:  # observing a batch must never keep its answers back
+                log.exception("the hooks of a batch of %d failed on %s", len(batch), self.name)
+                made = None
             for item, answer in zip(batch, answers, strict=True):
                 if not item.future.done():
                     item.future.set_result(BatchRow(answer, dispatched, made))

@@ -34,6 +34,7 @@ from service.server.config import Settings
 from service.server.metrics import UNKNOWN_MODEL, Metrics
 from service.server.statistics import Stages, record_request
 from service.server.status import drop_references, reason, status_code
+from service.server.tracing import Tracing
 from service.server.tracing import current as current_tracing
 
 log = logging.getLogger(__name__)
@@ -202,24 +203,40 @@ class CallEnvelope:
             self._account(method, call, outcome, ended - started, peer)
             tracing = current_tracing()
             if tracing is not None:
-                tracing.record_call(
-                    method,
-                    carrier,
-                    started,
-                    ended,
-                    {
-                        "rpc.method": method,
-                        "imgclf.model": call.model,
-                        "imgclf.version": call.version,
-                        "imgclf.images": call.images,
-                        "imgclf.request_id": outcome.request_id,
-                        "imgclf.code": outcome.code.name,
-                    },
-                    outcome.ok,
-                    outcome.message,
-                    call.stages,
-                )
+                self._trace(tracing, method, carrier, started, ended, call, outcome)
         return outcome
+
+    @staticmethod
+    def _trace(
+        tracing: Tracing,
+        method: str,
+        carrier: Callable[[], Mapping[str, str]] | None,
+        started: float,
+        ended: float,
+        call: CallInfo,
+        outcome: Outcome,
+    ) -> None:
+        """The call's spans; a failure here is logged, never the call's."""
+        try:
+            tracing.record_call(
+                method,
+                carrier,
+                started,
+                ended,
+                {
+                    "rpc.method": method,
+                    "imgclf.model": call.model,
+                    "imgclf.version": call.version,
+                    "imgclf.images": call.images,
+                    "imgclf.request_id": outcome.request_id,
+                    "imgclf.code": outcome.code.name,
+                },
+                outcome.ok,
+                outcome.message,
+                call.stages,
+            )
+        except Exception:
+            log.exception("tracing call %s failed", outcome.request_id)
 
     def _account(
         self, method: str, call: CallInfo, outcome: Outcome, seconds: float, peer: str

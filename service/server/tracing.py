@@ -134,7 +134,7 @@ class Tracing:
         )
         if not ok:
             call.set_status(Status(StatusCode.ERROR, message))
-        if stages is not None and stages.done:
+        if stages is not None and stages.done and call.is_recording():  # sampled out: none
             inside = trace.set_span_in_context(call)
             links = [trace.Link(c) for c in _distinct(stages.batches)]
             for name, begin, finish, span_links in (
