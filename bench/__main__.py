@@ -120,6 +120,20 @@ def build_parser() -> argparse.ArgumentParser:
     features.add_argument(
         "--split-calls", type=int, default=10_000, help="calls under the 90/10 split (0: skip)"
     )
+    features.add_argument(
+        "--baseline",
+        type=Path,
+        help="a checkout of an earlier commit (protobuf code generated: make proto there) "
+        "whose server is measured beside this one, unary OIP and classifier.v1",
+    )
+    features.add_argument(
+        "--label", default="", help="results go to bench/results/<date>-features-<label>.*"
+    )
+    features.add_argument(
+        "--variants",
+        help="comma-separated subset to measure (default: all): unary, stream, v1_unary, "
+        "v1_stream, tracing_on, prediction_watch_off, baseline_unary, v1_baseline_unary",
+    )
 
     scoring = sub.add_parser("scoring", help="batch-scoring engines vs the limit")
     scoring.add_argument("--model", type=Path, default=Path("models/demo"), help="NAME[/VERSION]")

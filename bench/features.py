@@ -8,10 +8,13 @@ split holds, in one interleaved run on the demo model:
 * the prediction watch on (the default) against ``--no-prediction-watch``;
 * 10,000 classify calls that name no version, under a 90/10 split between two versions,
   over several connections (so both workers apply the split): the shares answered.
+* with ``--baseline CHECKOUT``, the same unary calls on the server of an earlier commit's
+  checkout (a before/after comparison of a change to the request path).
 
 Every variant runs on its own server (started up front, the same worker count), and the
-measurements go round-robin — each round measures every variant at each concurrency — so
-the drift of a noisy machine hits them alike; ratios are taken within the run. Results go
+measurements go round-robin — each round measures every variant at each concurrency, each
+round starting one variant later — so the drift of a noisy machine and the place in the
+order hit them alike; ratios are taken within the run. Results go
 to ``bench/results/<date>-features.{json,md}``.
 """
 
@@ -21,6 +24,7 @@ import argparse
 import json
 import shutil
 import statistics
+import subprocess
 import tempfile
 import threading
 from collections import Counter
@@ -32,7 +36,7 @@ from typing import Any
 
 from bench.load import LoadResult, run_load
 from bench.oip_load import ours, run_oip_load
-from bench.processes import ServerProcess, tree_cpu_seconds
+from bench.processes import ROOT, ServerProcess, tree_cpu_seconds
 from bench.workload import latest_model, load_folder, photo_folder
 from service.client import ClassifierClient
 from service.model.cores import cpu_count
@@ -139,6 +143,53 @@ def traffic_split(model: Path, workers: int, calls: int) -> dict[str, Any]:
     }
 
 
+def _describe(checkout: Path) -> str:
+    """The baseline checkout's commit, as ``git describe`` would name it."""
+    commit = subprocess.run(
+        ["git", "-C", str(checkout), "log", "-1", "--format=%h %s"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    return f"{checkout} ({commit[:90] or 'not a git checkout'})"
+
+
+Variant = tuple[str, str, str, bool]  # (name, server, protocol, stream)
+VARIANTS: list[Variant] = [
+    ("unary", "base", "oip", False),
+    ("stream", "base", "oip", True),
+    ("v1_unary", "base", "classifier", False),
+    ("v1_stream", "base", "classifier", True),
+    ("tracing_on", "traced", "oip", False),
+    ("prediction_watch_off", "no_watch", "oip", False),
+]
+BASELINE_VARIANTS: list[Variant] = [
+    ("baseline_unary", "baseline", "oip", False),
+    ("v1_baseline_unary", "baseline", "classifier", False),
+]
+
+
+def choose_variants(baseline: bool, names: str | None) -> list[Variant]:
+    """The variants to measure, in order: all (the baseline's with ``--baseline``), or the
+    comma-separated ``names``."""
+    known = VARIANTS + (BASELINE_VARIANTS if baseline else [])
+    if not names:
+        return known
+    chosen = set(names.split(","))
+    unknown = chosen - {name for name, _, _, _ in known}
+    if unknown:
+        raise SystemExit(f"unknown variants {sorted(unknown)} (without --baseline: no baseline_*)")
+    return [v for v in known if v[0] in chosen]
+
+
+def in_round(variants: list[Variant], round_: int) -> list[Variant]:
+    """Round ``round_``'s order: each round starts one variant later. A fixed order favoured
+    the last variants (an A/A run, the same code on two servers, read 0.85x CPU for the
+    one measured last), so every variant takes every place in turn."""
+    shift = round_ % len(variants)
+    return variants[shift:] + variants[:shift]
+
+
 def run_features(args: argparse.Namespace) -> dict[str, Any]:
     model = latest_model(args.repository, "demo")
     repository = model.parent.parent.parent
@@ -150,29 +201,33 @@ def run_features(args: argparse.Namespace) -> dict[str, Any]:
         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": sink.endpoint,
         "OTEL_TRACES_SAMPLER": "always_on",
     }
-    servers = {
-        "base": ServerProcess(repository, *flags, workers=None),
-        "traced": ServerProcess(repository, *flags, env=traced_env, workers=None),
-        "no_watch": ServerProcess(repository, *flags, "--no-prediction-watch", workers=None),
+    # name: (extra flags, environment, checkout); started only if a chosen variant uses it
+    server_specs: dict[str, tuple[list[str], dict[str, str], Path]] = {
+        "base": ([], {}, ROOT),
+        "traced": ([], traced_env, ROOT),
+        "no_watch": (["--no-prediction-watch"], {}, ROOT),
     }
-    variants = [  # (name, server, protocol, stream)
-        ("unary", "base", "oip", False),
-        ("stream", "base", "oip", True),
-        ("v1_unary", "base", "classifier", False),
-        ("v1_stream", "base", "classifier", True),
-        ("tracing_on", "traced", "oip", False),
-        ("prediction_watch_off", "no_watch", "oip", False),
-    ]
+    if args.baseline:
+        server_specs["baseline"] = ([], {}, args.baseline.resolve())
+    variants = choose_variants(bool(args.baseline), args.variants)
     concurrencies = [int(c) for c in str(args.concurrency).split(",")]
     runs: dict[str, dict[int, list[LoadResult]]] = {
         name: {c: [] for c in concurrencies} for name, _, _, _ in variants
     }
+    servers: dict[str, ServerProcess] = {}
     try:
+        # One at a time inside the try: a start that fails or is interrupted still stops
+        # the servers started before it.
+        for name, (extra, env, root) in server_specs.items():
+            if any(server == name for _, server, _, _ in variants):
+                servers[name] = ServerProcess(
+                    repository, *flags, *extra, env=env, workers=None, root=root
+                )
         for server in servers.values():
             server.wait_for_event("serving", timeout=300)
         for round_ in range(args.rounds):
             for c in concurrencies:
-                for name, server_name, protocol, stream in variants:
+                for name, server_name, protocol, stream in in_round(variants, round_):
                     server = servers[server_name]
                     result = measure(server, images, c, args.seconds, protocol, stream)
                     runs[name][c].append(result)
@@ -192,6 +247,7 @@ def run_features(args: argparse.Namespace) -> dict[str, Any]:
         "rounds": args.rounds,
         "seconds_per_measurement": args.seconds,
         "spans_posted": sink.requests,
+        "baseline": _describe(args.baseline) if args.baseline else None,
         "results": {
             name: {
                 str(c): {
@@ -224,12 +280,15 @@ def markdown(report: dict[str, Any]) -> str:
     for name, by_c in report["results"].items():
         for c, r in by_c.items():
             # Each variant against the unary calls of its own protocol.
-            ref = results["v1_unary" if name.startswith("v1_") else "unary"][c]
+            ref = results.get("v1_unary" if name.startswith("v1_") else "unary", {}).get(c)
+            speed = f"{r['images_per_s'] / ref['images_per_s']:.3f}" if ref else "-"
+            cpu = f"{r['cpu_ms_per_image'] / ref['cpu_ms_per_image']:.3f}" if ref else "-"
             lines.append(
-                f"| {name} | {c} | {r['images_per_s']} | "
-                f"{r['images_per_s'] / ref['images_per_s']:.3f} | {r['cpu_ms_per_image']} | "
-                f"{r['cpu_ms_per_image'] / ref['cpu_ms_per_image']:.3f} | {r['p50_ms']} |"
+                f"| {name} | {c} | {r['images_per_s']} | {speed} | {r['cpu_ms_per_image']} | "
+                f"{cpu} | {r['p50_ms']} |"
             )
+    if report.get("baseline"):
+        lines += ["", f"Baseline (`--baseline`): {report['baseline']}."]
     split = report.get("traffic_split")
     if split:
         lines += [
@@ -244,7 +303,7 @@ def markdown(report: dict[str, Any]) -> str:
 def main(args: argparse.Namespace) -> None:
     report = run_features(args)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"{report['date']}-features"
+    stem = RESULTS / f"{report['date']}-features{'-' + args.label if args.label else ''}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     text = markdown(report)
     stem.with_suffix(".md").write_text(text)

@@ -88,10 +88,13 @@ class ServerProcess:
         *args: str,
         env: dict[str, str] | None = None,
         workers: int | None = 1,
+        root: Path = ROOT,
     ):
         """``workers``: one process unless a test or benchmark asks for more (a later
         ``--workers`` in ``args`` wins); None leaves the flag out, as ``make serve`` does,
-        so the server picks its own count."""
+        so the server picks its own count. ``root``: the checkout whose ``service`` runs
+        (another commit's, for a before/after comparison; ``python -m`` imports from the
+        working directory first)."""
         self.repository = repository
         # Lines as read; parsed only when someone looks. A busy server writes an access-log
         # line per call, and parsing each as it arrives would spend the CPU of the very
@@ -111,21 +114,25 @@ class ServerProcess:
             "0",
             *([] if workers is None else ["--workers", str(workers)]),
             "--model-repository",
-            str(repository),
+            str(repository.resolve()),  # absolute: ``root`` may be another checkout
             "--log-format",
             "json",
             *args,
         ]
         self.process = subprocess.Popen(
             command,
-            cwd=ROOT,
+            cwd=root,
             stderr=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             text=True,
             env={**os.environ, **(env or {})},
         )
         threading.Thread(target=self._read, daemon=True).start()
-        listening = self.wait_for_event("listening", timeout=60)
+        try:
+            listening = self.wait_for_event("listening", timeout=60)
+        except BaseException:  # a start that fails or is interrupted leaves nothing running
+            self.kill()
+            raise
         self.port = int(listening["grpc_port"])  # type: ignore[call-overload]
         self.metrics_port = int(listening["metrics_port"])  # type: ignore[call-overload]
         self.http_port = int(listening["http_port"])  # type: ignore[call-overload]
