@@ -123,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     features.add_argument(
         "--baseline",
         type=Path,
-        help="a checkout of an earlier commit (protobuf code generated: make proto there) "
+        help="a checkout of an earlier commit (its protobuf code generated: python -m "
+        "service.protogen there) "
         "whose server is measured beside this one, unary OIP and classifier.v1",
     )
     features.add_argument(
