@@ -80,12 +80,6 @@ class ImageDecoder(Protocol):
         ...
 
 
-class DeviceRows(Protocol):
-    """A request's buffer of model-input rows in the runner's memory."""
-
-    def row_pointer(self, index: int) -> int: ...
-
-
 @dataclass(frozen=True)
 class DeviceRow:
     """One model-input row already in the runner's memory (a slot of a request's buffer).

@@ -76,7 +76,10 @@ class TrafficSplit:
 
     def pick(self, name: str, ready: Mapping[int, Any]) -> Any:
         """The ready version a call that names none goes to."""
-        weights, _ = self.weights(name)
+        # Per call: the weights only, not ``weights()``'s description of their source.
+        weights = self._from_file(name)
+        if weights is None:
+            weights = self.configured.get(name)
         if weights:
             shares = [(v, w) for v, w in weights.items() if w > 0 and v in ready]
             if len(shares) == 1:

@@ -24,19 +24,13 @@ from tests.unit.service.server.planes import (
     Plane,
     jpeg,
     pixels,
-    publish,
     run_scenario,
 )
 
 
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
-    publish(tmp_path, 1)
-    publish(tmp_path, 2)
-    return tmp_path
-
-
-def test_classify_answers_from_the_newest_version_with_the_default_top_k(root: Path) -> None:
+def test_classify_answers_from_the_newest_version_with_the_default_top_k(
+    two_versions: Path,
+) -> None:
     async def scenario(p: Plane) -> None:
         call = CallInfo("")
         request = ImageRequest(MODEL, "", [jpeg((200, 30, 30)), pixels((10, 10, 240))])
@@ -49,10 +43,10 @@ def test_classify_answers_from_the_newest_version_with_the_default_top_k(root: P
         one = await p.plane.classify(call, ImageRequest(MODEL, "1", [jpeg((1, 2, 3))], top_k=1))
         assert one.version == "1" and len(one.results[0]) == 1
 
-    run_scenario(root, scenario, version_policy="all")
+    run_scenario(two_versions, scenario, version_policy="all")
 
 
-def test_errors_name_the_problem(root: Path) -> None:
+def test_errors_name_the_problem(two_versions: Path) -> None:
     async def scenario(p: Plane) -> None:
         call = CallInfo("")
         with pytest.raises(NotFoundError):
@@ -65,10 +59,10 @@ def test_errors_name_the_problem(root: Path) -> None:
         with pytest.raises(InvalidArgumentError):  # a classifier cannot localize
             await p.plane.localize(call, ImageRequest(MODEL, "", [jpeg((1, 1, 1))]), False)
 
-    run_scenario(root, scenario, max_images_per_request=2)
+    run_scenario(two_versions, scenario, max_images_per_request=2)
 
 
-def test_tensor_inference_gets_the_default_outputs_or_those_asked_for(root: Path) -> None:
+def test_tensor_inference_gets_the_default_outputs_or_those_asked_for(two_versions: Path) -> None:
     async def scenario(p: Plane) -> None:
         images = [jpeg((250, 250, 10)), jpeg((5, 5, 5))]
         inputs = [InputTensor(BYTES_INPUT, "BYTES", [2], raw=pack_bytes(images))]
@@ -84,10 +78,10 @@ def test_tensor_inference_gets_the_default_outputs_or_those_asked_for(root: Path
             bad = [OutputRequest("nope", 0, {})]
             await p.plane.infer(CallInfo(""), TensorRequest(MODEL, "1", inputs, bad))
 
-    run_scenario(root, scenario, version_policy="all")
+    run_scenario(two_versions, scenario, version_policy="all")
 
 
-def test_metadata_config_and_readiness(root: Path) -> None:
+def test_metadata_config_and_readiness(two_versions: Path) -> None:
     async def scenario(p: Plane) -> None:
         call = CallInfo("")
         meta = p.plane.model_metadata(call, MODEL, "")
@@ -103,13 +97,13 @@ def test_metadata_config_and_readiness(root: Path) -> None:
         }
         assert p.plane.model_summary(call, MODEL, "").spec is not None
 
-    run_scenario(root, scenario, version_policy="all")
+    run_scenario(two_versions, scenario, version_policy="all")
 
 
 def test_repository_control_unloads_and_loads_and_refuses_a_model_that_cannot_load(
-    root: Path,
+    two_versions: Path,
 ) -> None:
-    broken = root / "broken" / "1"
+    broken = two_versions / "broken" / "1"
     broken.mkdir(parents=True)
     (broken / "model.onnx").write_bytes(b"not a model")
 
@@ -129,4 +123,4 @@ def test_repository_control_unloads_and_loads_and_refuses_a_model_that_cannot_lo
         with pytest.raises(NotFoundError):
             await p.plane.load(call, "absent")
 
-    run_scenario(root, scenario)
+    run_scenario(two_versions, scenario)

@@ -18,16 +18,8 @@ from tests.unit.service.server.planes import (
     MODEL,
     Plane,
     jpeg,
-    publish,
     run_scenario,
 )
-
-
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
-    publish(tmp_path, 1)
-    publish(tmp_path, 2)
-    return tmp_path
 
 
 async def classify(p: Plane, images: list[bytes], version: str = "2") -> bool:
@@ -38,7 +30,7 @@ async def classify(p: Plane, images: list[bytes], version: str = "2") -> bool:
     return outcome.ok
 
 
-def test_counts_and_durations_of_answered_and_failed_requests(root: Path) -> None:
+def test_counts_and_durations_of_answered_and_failed_requests(two_versions: Path) -> None:
     async def scenario(p: Plane) -> None:
         started_ms = time.time() * 1000
         for _ in range(3):
@@ -64,10 +56,10 @@ def test_counts_and_durations_of_answered_and_failed_requests(root: Path) -> Non
             assert all(getattr(batch, s).ns > 0 for s in BATCH_STATS[1:])
         assert started_ms - 1 <= stats.last_inference <= time.time() * 1000 + 1
 
-    run_scenario(root, scenario)
+    run_scenario(two_versions, scenario)
 
 
-def test_which_versions_a_statistics_call_covers(root: Path) -> None:
+def test_which_versions_a_statistics_call_covers(two_versions: Path) -> None:
     async def scenario(p: Plane) -> None:
         assert await classify(p, [jpeg((9, 9, 9))], version="1")
         every = p.plane.statistics(CallInfo(""), "", "")
@@ -80,10 +72,10 @@ def test_which_versions_a_statistics_call_covers(root: Path) -> None:
         with pytest.raises(NotFoundError):
             p.plane.statistics(CallInfo(""), MODEL, "7")
 
-    run_scenario(root, scenario, version_policy="all")
+    run_scenario(two_versions, scenario, version_policy="all")
 
 
-def test_statistics_and_metrics_are_the_same_counters(root: Path) -> None:
+def test_statistics_and_metrics_are_the_same_counters(two_versions: Path) -> None:
     async def scenario(p: Plane) -> None:
         for _ in range(2):
             assert await classify(p, [jpeg((50, 60, 70))])
@@ -101,4 +93,4 @@ def test_statistics_and_metrics_are_the_same_counters(root: Path) -> None:
         images = (("model", MODEL), ("version", "2"))
         assert samples[("classifier_images_total", images)] == stats.inference_count
 
-    run_scenario(root, scenario)
+    run_scenario(two_versions, scenario)

@@ -19,7 +19,7 @@ from service.server.calls import CallInfo
 from service.server.config_loading import ConfigError, load_settings
 from service.server.domain import ImageRequest
 from service.server.traffic import TRAFFIC_FILE, TrafficSplit, checked_weights
-from tests.unit.service.server.planes import MODEL, Plane, jpeg, publish, run_scenario
+from tests.unit.service.server.planes import MODEL, Plane, jpeg, run_scenario
 
 
 def within_binomial_error(hits: int, n: int, p: float, sigmas: float = 4.0) -> bool:
@@ -76,14 +76,12 @@ def test_weights_are_checked_and_an_unwritable_repository_is_named(tmp_path: Pat
         missing.publish("m", {1: 1})
 
 
-def test_calls_that_name_no_version_follow_the_published_split(tmp_path: Path) -> None:
-    publish(tmp_path, 1)
-    publish(tmp_path, 2)
+def test_calls_that_name_no_version_follow_the_published_split(two_versions: Path) -> None:
 
     async def scenario(p: Plane) -> None:
         shown = p.plane.set_traffic(CallInfo(""), MODEL, {"1": 75, "2": 25})
         assert shown.weights == {"1": 75.0, "2": 25.0}
-        assert shown.source == str(tmp_path / MODEL / TRAFFIC_FILE)
+        assert shown.source == str(two_versions / MODEL / TRAFFIC_FILE)
         assert shown.ready == ["1", "2"]
         versions: Counter[str] = Counter()
         for _ in range(200):
@@ -97,4 +95,4 @@ def test_calls_that_name_no_version_follow_the_published_split(tmp_path: Path) -
         with pytest.raises(InvalidArgumentError):
             p.plane.set_traffic(CallInfo(""), MODEL, {"1": 0})
 
-    run_scenario(tmp_path, scenario, version_policy="all")
+    run_scenario(two_versions, scenario, version_policy="all")
