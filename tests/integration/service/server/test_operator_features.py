@@ -67,9 +67,12 @@ def bytes_input(module: Any, images: list[bytes]) -> Any:
     return tensor
 
 
+OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
+
+
 def grpc_stats(server: ServerProcess, version: str) -> Any:
     """Over a new connection each time: it may reach either worker."""
-    client = tgrpc.InferenceServerClient(server.target)
+    client = tgrpc.InferenceServerClient(server.target, channel_args=OWN_CONNECTION)
     try:
         (stats,) = client.get_inference_statistics("demo", version).model_stats
         return stats
@@ -103,7 +106,9 @@ def test_statistics_add_up_across_workers_and_agree_with_metrics(
     before = grpc_stats(server, "1")
     calls, client_seconds = 24, 0.0
     for _ in range(calls):
-        client = tgrpc.InferenceServerClient(server.target)  # a new connection each call
+        # A connection of its own each call (grpc otherwise shares one between channels
+        # to the same target), so the kernel spreads the calls over both workers.
+        client = tgrpc.InferenceServerClient(server.target, channel_args=OWN_CONNECTION)
         client.is_server_ready()  # connected before the clock starts
         started = time.perf_counter()
         client.infer("demo", [bytes_input(tgrpc, images)], model_version="1")
