@@ -41,10 +41,6 @@ class _ScoringActor:
         from service.server.config_loading import load_settings
 
         model_bytes = ray.get(model_ref) if isinstance(model_ref, ray.ObjectRef) else model_ref
-        # ONNX Runtime loads from a file; this actor's copy of the model's bytes.
-        handle, name = tempfile.mkstemp(prefix="scoring-", suffix=".onnx")
-        with os.fdopen(handle, "wb") as out:
-            out.write(model_bytes)
         gpu = bool(ray.get_gpu_ids())
         settings = load_settings(
             providers=["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -53,14 +49,22 @@ class _ScoringActor:
             intra_op_threads=threads,
             preprocess_threads=2 * threads,
         )
-        self.engine = LocalEngine(
-            Path(name),
-            task=task,
-            top_k=top_k,
-            batch_size=batch_size,
-            settings=settings,
-            version=version,
-        )
+        # ONNX Runtime loads from a file: this actor's copy of the model's bytes, removed
+        # once its sessions hold the model (each actor of each job would leave one behind).
+        handle, name = tempfile.mkstemp(prefix="scoring-", suffix=".onnx")
+        try:
+            with os.fdopen(handle, "wb") as out:
+                out.write(model_bytes)
+            self.engine = LocalEngine(
+                Path(name),
+                task=task,
+                top_k=top_k,
+                batch_size=batch_size,
+                settings=settings,
+                version=version,
+            )
+        finally:
+            os.unlink(name)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         # Arrow in and out: list columns keep their types (numpy batches would not).

@@ -13,7 +13,8 @@ This parent process, as grpc's ``examples/python/multiprocessing`` does:
 
 1. reserves the ports (binds them with SO_REUSEPORT and keeps them, so port 0 resolves
    once and no stranger takes them), and prepares prometheus_client's multiprocess
-   directory — before any gRPC or Prometheus object exists;
+   directory — before any gRPC or Prometheus object exists (``workers_dir``: locked for
+   its life, so the next supervisor sweeps it away if this one is killed);
 2. forks the workers; each runs ``service.server.main.serve`` on the reserved ports;
 3. serves /metrics itself, adding up every worker's files (``MultiProcessCollector``)
    and showing only the model versions some live worker serves;
@@ -42,10 +43,8 @@ import json
 import logging
 import multiprocessing
 import os
-import shutil
 import signal
 import socket
-import tempfile
 import time
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
@@ -55,6 +54,7 @@ from typing import Any
 from service.model.cores import cpu_count
 from service.server.config import Settings
 from service.server.worker_metrics import MULTIPROC_ENV, ServedOnly
+from service.server.workers_dir import WorkersDirectory
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,8 @@ class Supervisor:
         if s.http_port is not None:
             self.sockets.append(reserve_port(s.host, s.http_port))
             http_port = self.sockets[1].getsockname()[1]
-        self.directory = Path(tempfile.mkdtemp(prefix="imgclf-workers-"))
+        self.workdir = WorkersDirectory.create()
+        self.directory = self.workdir.path
         self._previous_env = os.environ.get(MULTIPROC_ENV)
         os.environ[MULTIPROC_ENV] = str(self.directory)  # before prometheus_client loads
         worker_settings = s.model_copy(
@@ -251,7 +252,7 @@ class Supervisor:
                 signal.signal(sig, handler)
             for sock in self.sockets:
                 sock.close()
-            shutil.rmtree(self.directory, ignore_errors=True)
+            self.workdir.remove()
             if self._previous_env is None:
                 os.environ.pop(MULTIPROC_ENV, None)
             else:

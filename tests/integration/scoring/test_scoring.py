@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -36,13 +38,16 @@ def inputs(quick_model: dict[str, Path], tmp_path_factory: pytest.TempPathFactor
     return root
 
 
-def score(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:  # type: ignore[type-arg]
+def score(
+    *args: str, check: bool = True, timeout: float = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:  # type: ignore[type-arg]
     return subprocess.run(
         [sys.executable, "-m", "service.scoring", "--no-progress", *args],
         capture_output=True,
         text=True,
         check=check,
         timeout=timeout,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -93,7 +98,13 @@ def test_local_engine_scores_every_input_and_reports_bad_files(
     assert manifest["status"] == "complete" and manifest["completed"] == [[0, 61]]
 
 
-def _engine_rows(engine_args: list[str], model: str, inputs: Path, out: Path) -> list[dict]:  # type: ignore[type-arg]
+def _engine_rows(
+    engine_args: list[str],
+    model: str,
+    inputs: Path,
+    out: Path,
+    env: dict[str, str] | None = None,
+) -> list[dict]:  # type: ignore[type-arg]
     score(
         "--model",
         model,
@@ -104,6 +115,7 @@ def _engine_rows(engine_args: list[str], model: str, inputs: Path, out: Path) ->
         "--task",
         "localize",
         *engine_args,
+        env=env,
     )
     return read_rows(out)
 
@@ -133,12 +145,18 @@ def test_local_grpc_and_ray_engines_agree(
         )
     finally:
         server.kill()
+    # The actors' temporary files in a folder of the test's own (Ray's session stays in
+    # the usual place: its socket paths must stay short).
+    actor_tmp = tmp_path / "actor-tmp"
+    actor_tmp.mkdir()
     ray = _engine_rows(
         ["--engine", "ray", "--num-cpus", "2", "--batch-size", "16"],
         model,
         inputs,
         tmp_path / "ray",
+        env={"TMPDIR": str(actor_tmp), "RAY_TMPDIR": tempfile.gettempdir()},
     )
+    assert list(actor_tmp.glob("scoring-*.onnx")) == []  # each actor's model copy removed
     for other in (remote, ray):
         assert [r["path"] for r in other] == [r["path"] for r in local]
         for a, b in zip(local, other, strict=True):

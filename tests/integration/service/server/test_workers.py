@@ -228,15 +228,27 @@ def _alive(pid: int) -> bool:
     return state != "Z"  # an exited orphan may wait for a reaper
 
 
-def test_workers_exit_when_the_supervisor_is_killed(
-    start_server: type[ServerProcess], quick_model: dict[str, Path]
+def test_workers_exit_when_the_supervisor_is_killed_and_the_next_one_sweeps_its_files(
+    start_server: type[ServerProcess], quick_model: dict[str, Path], tmp_path: Path
 ) -> None:
     """SIGKILL leaves the supervisor no chance to forward anything; the kernel tells each
-    worker instead, and no orphan keeps the port."""
-    server = start_server(quick_model["repository"], "--workers", "2", "--drain-seconds", "0.5")
+    worker instead, and no orphan keeps the port. Nor can it remove its metrics files: the
+    next supervisor on the same temporary directory does, once no worker holds them."""
+    env = {"TMPDIR": str(tmp_path)}
+    args = ("--workers", "2", "--drain-seconds", "0.5")
+    server = start_server(quick_model["repository"], *args, env=env)
     server.wait_for_event("serving")
     pids = list(worker_pids(server).values())
     assert len(pids) == 2 and all(_alive(p) for p in pids)
+    [killed_dir] = tmp_path.glob("imgclf-workers-*")
     server.process.kill()
     server.process.wait(10)
     wait_for(lambda: not any(_alive(p) for p in pids), 30, "the orphaned workers to exit")
+    assert killed_dir.is_dir() and any(killed_dir.glob("counter_*.db"))  # left behind
+
+    second = start_server(quick_model["repository"], *args, env=env)
+    [own_dir] = tmp_path.glob("imgclf-workers-*")
+    assert own_dir != killed_dir
+    second.wait_for_event("serving")
+    assert second.terminate() == 0
+    assert list(tmp_path.glob("imgclf-workers-*")) == []  # a clean exit removes its own
