@@ -14,7 +14,7 @@ METRICS_PORT ?= 9090
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup proto test test-fast lint demo-data demo-model serve clean readme-check image-test lock gpu-bundle
+.PHONY: help setup proto test test-fast lint demo-data demo-model serve clean readme-check image-test lock gpu-bundle gpu-rehearsal
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -86,6 +86,12 @@ image-test: setup demo-model  ## build the Dockerfile's cpu and ray targets with
 # GPU architecture, the generated code and the demo checkpoint, in parts of <= 56 MiB.
 gpu-bundle: setup demo-model  ## write .gpu-bundle/: what a bare CUDA 13 machine needs for the device run, in parts
 	$(PY) -m bench.device.bundle --out .gpu-bundle --wheel-cache .cache/gpu-wheels
+
+# The device run rehearsed here (bench/device/rehearse.sh): the bundle into a clean Python
+# 3.12 holding only the GPU image's packages, then the run's CPU parts on this tree.
+PYTHON312 ?= python3.12
+gpu-rehearsal: gpu-bundle  ## prove the bundle and the device run here, before a GPU loan (PYTHON312=...)
+	PYTHON312=$(PYTHON312) bash bench/device/rehearse.sh
 
 LOCK = $(VENV)/bin/uv pip compile pyproject.toml --quiet --python-version 3.11 \
 	--python-platform x86_64-manylinux_2_28 -c requirements/constraints.txt

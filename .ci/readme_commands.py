@@ -15,7 +15,9 @@ exits 0 within its time limit. The exceptions are listed in POLICIES with their 
 * elsewhere: `make serve`/`make test` (CI runs them itself), `docker` (no daemon here;
   the image is built and run by `make image-test`) and the device run's
   `bench/device/device.sh` (it runs on a CUDA machine with Python 3.12, against the parts
-  of `make gpu-bundle`; its logic is unit-tested in tests/unit/bench/device).
+  of `make gpu-bundle`; its logic is unit-tested in tests/unit/bench/device), and its
+  rehearsal here, `make gpu-rehearsal` (4 GB of PyTorch and CUDA wheels into a Python 3.12
+  venv: run by hand before a GPU loan).
 
 A command the table does not name runs with the default policy, so a new README command
 is checked the day it is written. Files the commands create are removed before and after.
@@ -74,6 +76,10 @@ POLICIES: dict[str, Policy] = {
     "docker compose": Policy("elsewhere", why="no Docker daemon; make image-test runs it"),
     "bash bench/device/device.sh": Policy(
         "elsewhere", why="runs on a CUDA 13 machine with Python 3.12 and the GPU bundle's parts"
+    ),
+    "make gpu-rehearsal": Policy(
+        "elsewhere",
+        why="downloads 4 GB of PyTorch and CUDA wheels into a Python 3.12 venv; run before a GPU loan",
     ),
     "python -m training train --config training/configs/demo.yaml": Policy(
         "bounded", 20, "the full run takes minutes; make serve has just run it whole"

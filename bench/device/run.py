@@ -46,6 +46,8 @@ from typing import Any
 
 import numpy as np
 
+from bench.device.report import cuda_problem, report_markdown
+
 ROOT = Path(__file__).resolve().parents[2]
 CUDA_PROVIDERS = "CUDAExecutionProvider,CPUExecutionProvider"
 GPU_SERVER_FLAGS = (
@@ -274,6 +276,10 @@ class Run:
         out.mkdir(parents=True, exist_ok=True)
         self.results: dict[str, Any] = {"started": time.strftime("%Y-%m-%d %H:%M:%S")}
         self.gpu = GpuSampler(self.logs / "nvidia-smi.log")
+        # bench/device/rehearse.sh: no GPU here on purpose; the GPU stages run on whatever
+        # provider starts, so that their code is proven before a loan.
+        self.rehearsal = os.environ.get("IMGCLF_DEVICE_REHEARSAL") == "1"
+        self.results["rehearsal"] = self.rehearsal
         self.photos = self._photos()
 
     def left(self) -> float:
@@ -411,6 +417,9 @@ class Run:
     # --- 3. limit -------------------------------------------------------------------
 
     def limit(self) -> dict[str, Any]:
+        problem = cuda_problem(self.results, self.rehearsal)
+        if problem:  # the minutes go to the stages that can still measure something
+            return {"skipped": problem}
         out: dict[str, Any] = {}
         for name in ("resnet50", "resnet50-fp16"):
             model = self.work / "models" / name / "1" / "model.onnx"
@@ -539,6 +548,9 @@ class Run:
     def server(self) -> dict[str, Any]:
         from bench.processes import ServerProcess
 
+        problem = cuda_problem(self.results, self.rehearsal)
+        if problem:
+            return {"skipped": problem}
         repository = self.work / "serve-gpu"
         if not (self.work / "models" / "resnet50-fp16" / "1" / "model.onnx").is_file():
             return {"error": "resnet50-fp16 was not exported (see prepare)"}
@@ -604,6 +616,7 @@ class Run:
                 out["runs"].append({"config": label, "skipped": "out of time"})
                 continue
             server = serve(*flags)
+            out.setdefault("providers", served_providers(server, model))
             try:
                 for i, (protocol, payload, c, n, procs) in enumerate(loads):
                     if self.left() < 40:
@@ -726,6 +739,19 @@ class Run:
                 tar.add(prepare_log, arcname="prepare.log")
 
 
+def served_providers(server: Any, model: str) -> list[str] | None:
+    """The providers the server's model version runs on, as ListModels reports them."""
+    from service.client import ClassifierClient
+
+    try:
+        with ClassifierClient(server.target) as client:
+            found = [m for m in client.list_models(timeout=10) if m.name == model]
+    except Exception as exc:  # the figures still count; the report says it is unknown
+        log(f"ListModels failed: {exc}")
+        return None
+    return list(found[0].providers) if found else None
+
+
 def wait_serving(server: Any, timeout: float) -> None:
     """Until the server says it serves; at once when a model failed to load."""
     end = time.monotonic() + timeout
@@ -738,60 +764,6 @@ def wait_serving(server: Any, timeout: float) -> None:
             raise RuntimeError(f"the server did not start: {failed or messages[-3:]}")
         time.sleep(0.5)
     raise TimeoutError(f"the server was not serving after {timeout:.0f} s")
-
-
-def report_markdown(results: dict[str, Any]) -> str:
-    lines = [f"# Device run {results.get('started')}", ""]
-    env = results.get("env", {})
-    lines.append(
-        f"GPU: {env.get('gpu')}; ONNX Runtime {env.get('onnxruntime')}; cores {env.get('cores')}"
-    )
-    lines.append("")
-    tests = results.get("gpu_tests", {})
-    lines.append(f"GPU tests: rc {tests.get('rc')} {tests.get('summary')}")
-    lines.append("")
-    limit = results.get("limit", {})
-    for name, value in limit.items() if isinstance(limit, dict) else []:
-        if isinstance(value, dict) and "tensor" in value:
-            lines.append(f"## limit {name}")
-            lines.append(f"- UINT8 batches (img/s by batch): {value['tensor']}")
-            lines.append(f"- UINT8 on the device already: {value.get('device_resident')}")
-            for decode in ("jpeg_cpu", "jpeg_gpu"):
-                if decode in value:
-                    lines.append(f"- {decode}: {value[decode]}")
-            lines.append("")
-    server = results.get("server", {})
-    if isinstance(server, dict) and server.get("runs"):
-        lines.append("## server (ResNet-50 FP16, CUDA)")
-        lines.append(
-            "| config | protocol | payload | c | img/req | img/s | p50 ms | p99 ms | GPU % "
-            "| server CPU ms/img | split |"
-        )
-        lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
-        for r in server["runs"]:
-            if "images_per_s" not in r:
-                continue
-            lat = r.get("latency_ms", {})
-            lines.append(
-                f"| {r['config']} | {r['protocol']} | {r['payload']} | {r['concurrency']} | "
-                f"{r['images_per_request']} | {r['images_per_s']} | {lat.get('p50')} | "
-                f"{lat.get('p99')} | {r.get('gpu_util_mean')} | "
-                f"{r.get('server_cpu_ms_per_image')} | {r.get('server_split')} |"
-            )
-        lines.append("")
-    cpu = results.get("cpu_workers", {})
-    if isinstance(cpu, dict) and cpu.get("runs"):
-        lines.append("## CPU workers (demo model, JPEG, classifier.v1)")
-        lines.append("| workers | img/s | ratio | p50 ms | p99 ms | server CPU ms/img |")
-        lines.append("|---|---|---|---|---|---|")
-        for r in cpu["runs"]:
-            if "images_per_s" in r:
-                lat = r.get("latency_ms", {})
-                lines.append(
-                    f"| {r['workers']} | {r['images_per_s']} | {r.get('ratio_to_1_worker')} | "
-                    f"{lat.get('p50')} | {lat.get('p99')} | {r.get('server_cpu_ms_per_image')} |"
-                )
-    return "\n".join(lines) + "\n"
 
 
 # --- the limit, in its own process ---------------------------------------------------
