@@ -7,7 +7,7 @@ installed.
 Chunks are moved out of the working tree into ``WORK/chunks`` (the next call's transfer
 does not carry them again), checked against the manifest's sha256, and each archive whose
 chunks are all there is joined, unpacked and installed once: its wheels with ``pip
---no-index --no-deps --target WORK/site``, the generated protobuf code into
+--no-index --no-deps`` into WORK/site, the generated protobuf code into
 ``service/proto_gen``, artifacts into ``WORK/artifacts``.
 """
 
@@ -17,6 +17,7 @@ import argparse
 import hashlib
 import json
 import lzma
+import os
 import shutil
 import subprocess
 import sys
@@ -77,6 +78,20 @@ def join(manifest: dict[str, Any], name: str, work: Path) -> Path:
     return target
 
 
+def merge_into(source: Path, target: Path) -> None:
+    """Move ``source``'s tree into ``target``, folders merged, files replaced."""
+    target.mkdir(parents=True, exist_ok=True)
+    for entry in source.iterdir():
+        destination = target / entry.name
+        if entry.is_dir() and not entry.is_symlink() and destination.is_dir():
+            merge_into(entry, destination)
+        else:
+            if destination.is_dir() and not destination.is_symlink():
+                shutil.rmtree(destination)
+            os.replace(entry, destination)
+    source.rmdir()
+
+
 def install(archive: Path, name: str, work: Path, python: str) -> None:
     unpacked = work / "unpacked" / name
     if unpacked.exists():
@@ -97,15 +112,17 @@ def install(archive: Path, name: str, work: Path, python: str) -> None:
                 "--no-deps",
                 "--no-compile",
                 "--no-cache-dir",
-                "--upgrade",
                 "--disable-pip-version-check",
                 "--target",
-                str(work / "site"),
+                str(unpacked / "site"),
                 *map(str, wheels),
             ],
             check=True,
         )
         shutil.rmtree(unpacked / "wheels")
+        # Merged, not pip's --upgrade into one target: that replaces a top-level folder
+        # two archives share (bin/: the base's py-spy went when onnxruntime-gpu came).
+        merge_into(unpacked / "site", work / "site")
     if (unpacked / "proto_gen").is_dir():
         target = ROOT / "service" / "proto_gen"
         if target.exists():

@@ -411,7 +411,7 @@ class Run:
             min(150.0, self.left() - 250),
             self.logs / "gpu-tests.log",
         )
-        summary = [line for line in result["tail"] if re.search(r"passed|failed|error", line)]
+        summary = [line for line in result["tail"] if re.search(r"passed|failed|error|skipped", line)]
         return {"rc": result["rc"], "seconds": result["seconds"], "summary": summary[-3:]}
 
     # --- 3. limit -------------------------------------------------------------------

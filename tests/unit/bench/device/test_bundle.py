@@ -38,12 +38,15 @@ def test_the_bundle_carries_the_gpu_runtime_and_what_the_device_lacks() -> None:
     assert all("==" in pin for pin in pins)  # every one at the locks' version
 
 
-def make_wheel(path: Path, files: dict[str, bytes]) -> Path:
-    dist = "demo_pkg-1.0.dist-info"
+def make_wheel(path: Path, files: dict[str, bytes], package: str = "demo_pkg") -> Path:
+    dist = f"{package}-1.0.dist-info"
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as wheel:
         for name, data in files.items():
             wheel.writestr(name, data)
-        wheel.writestr(f"{dist}/METADATA", "Metadata-Version: 2.1\nName: demo-pkg\nVersion: 1.0\n")
+        wheel.writestr(
+            f"{dist}/METADATA",
+            f"Metadata-Version: 2.1\nName: {package.replace('_', '-')}\nVersion: 1.0\n",
+        )
         wheel.writestr(
             f"{dist}/WHEEL",
             "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
@@ -107,13 +110,28 @@ def test_parts_fit_their_size_and_the_device_joins_and_installs_each_archive_onc
 ) -> None:
     import os
 
-    wheel = make_wheel(tmp_path / "demo_pkg-1.0-py3-none-any.whl", {"demo_pkg/__init__.py": b""})
+    # Each archive's wheel has a script: both land in site/bin (py-spy and ORT's tool do).
+    wheel = make_wheel(
+        tmp_path / "demo_pkg-1.0-py3-none-any.whl",
+        {"demo_pkg/__init__.py": b"", "demo_pkg-1.0.data/scripts/demo-tool": b"#!/bin/sh\n"},
+    )
+    other_wheel = make_wheel(
+        tmp_path / "other_pkg-1.0-py3-none-any.whl",
+        {"other_pkg/__init__.py": b"", "other_pkg-1.0.data/scripts/other-tool": b"#!/bin/sh\n"},
+        package="other_pkg",
+    )
     noise = os.urandom(30_000)  # incompressible: the archive stays larger than a part
     base = xz_tar(
         tmp_path / "base.tar.xz",
         {f"wheels/{wheel.name}": wheel.read_bytes(), "artifacts/blob": noise},
     )
-    other = xz_tar(tmp_path / "ort.tar.xz", {"artifacts/other": os.urandom(5_000)})
+    other = xz_tar(
+        tmp_path / "ort.tar.xz",
+        {
+            f"wheels/{other_wheel.name}": other_wheel.read_bytes(),
+            "artifacts/other": os.urandom(5_000),
+        },
+    )
     bundle = tmp_path / "bundle"
     parts = split_into_parts([Archive("base", base), Archive("ort", other)], bundle, 16_000)
     assert len(parts) >= 3
@@ -139,6 +157,8 @@ def test_parts_fit_their_size_and_the_device_joins_and_installs_each_archive_onc
         assert not any((bundle / str(part["name"])).glob("*.xz.*"))  # moved out of the tree
     assert installed == ["base", "ort"]
     assert (work / "site" / "demo_pkg" / "__init__.py").is_file()
+    assert (work / "site" / "other_pkg" / "__init__.py").is_file()
+    assert sorted(p.name for p in (work / "site" / "bin").iterdir()) == ["demo-tool", "other-tool"]
     assert (work / "artifacts" / "blob").read_bytes() == noise
     assert receive.complete_archives(manifest, work) == []  # nothing is installed twice
 
