@@ -79,7 +79,7 @@ POLICIES: dict[str, Policy] = {
     ),
     "make gpu-rehearsal": Policy(
         "elsewhere",
-        why="downloads 4 GB of PyTorch and CUDA wheels into a Python 3.12 venv; run before a GPU loan",
+        why="4 GB of PyTorch and CUDA wheels into a Python 3.12 venv; run before a GPU loan",
     ),
     "python -m training train --config training/configs/demo.yaml": Policy(
         "bounded", 20, "the full run takes minutes; make serve has just run it whole"

@@ -411,7 +411,8 @@ class Run:
             min(150.0, self.left() - 250),
             self.logs / "gpu-tests.log",
         )
-        summary = [line for line in result["tail"] if re.search(r"passed|failed|error|skipped", line)]
+        counts = re.compile(r"passed|failed|error|skipped")
+        summary = [line for line in result["tail"] if counts.search(line)]
         return {"rc": result["rc"], "seconds": result["seconds"], "summary": summary[-3:]}
 
     # --- 3. limit -------------------------------------------------------------------
