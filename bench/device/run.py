@@ -106,6 +106,7 @@ def prepare(work: Path) -> int:
     py = sys.executable
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
+    (work / "prepare.pid").write_text(str(os.getpid()))  # for the run to see it lives
     models, data = work / "models", work / "data"
     steps: dict[str, dict[str, Any]] = {}
     quick = (
@@ -155,9 +156,17 @@ def prepare(work: Path) -> int:
 
     def lane(name: str) -> None:
         for step, command, timeout in lanes[name]:
+            # A prepare restarted by the run (see ensure_preparing) keeps what is made.
+            made = work / "prepared" / f"{step}.ok"
+            if made.is_file():
+                steps[step] = {"rc": 0, "seconds": 0.0, "tail": ["made by an earlier prepare"]}
+                continue
             log(f"prepare: {step}")
             steps[step] = sh(command, timeout, logs / f"prepare-{step}.log")
             log(f"prepare: {step} rc={steps[step]['rc']} in {steps[step]['seconds']} s")
+            if steps[step]["rc"] == 0:
+                made.parent.mkdir(parents=True, exist_ok=True)
+                made.touch()
 
     threads = [threading.Thread(target=lane, args=(name,)) for name in lanes]
     for thread in threads:
@@ -166,6 +175,38 @@ def prepare(work: Path) -> int:
         thread.join()
     (work / "prepare.json").write_text(json.dumps(steps, indent=1))
     return 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def prepare_running(work: Path) -> bool:
+    """Whether the process that last started prepare (its pid in prepare.pid) lives."""
+    try:
+        pid = int((work / "prepare.pid").read_text())
+    except (OSError, ValueError):
+        return False
+    return _alive(pid)
+
+
+def ensure_preparing(work: Path) -> threading.Thread | None:
+    """Start prepare in this process if nothing has finished it and nothing is running it.
+
+    ``receive`` starts prepare in a session of its own so that it outlives the call, but
+    the device tool ends every process of a non-root user when a call returns, setsid or
+    not. Waiting on a prepare that is gone would spend the loan on nothing."""
+    if (work / "prepare.json").is_file() or prepare_running(work):
+        return None
+    log("prepare is not running and has not finished: preparing now, beside the run")
+    (work / "prepare.started").touch()
+    thread = threading.Thread(target=prepare, args=(work,), daemon=True)
+    thread.start()
+    return thread
 
 
 # --- measuring ------------------------------------------------------------------------
@@ -855,7 +896,9 @@ def main(argv: list[str] | None = None) -> int:
         return prepare(args.work)
     if args.command == "limit":
         return limit_main(args.model, args.images, args.json)
+    restarted = ensure_preparing(args.work)
     run = Run(args.work, args.out, args.budget)
+    run.results["prepare_restarted_by_run"] = restarted is not None
     stages = {
         "env": (20, run.env),
         "gpu_tests": (120, run.gpu_tests),
