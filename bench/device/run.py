@@ -69,7 +69,9 @@ GPU_SERVER_FLAGS = (
 
 
 def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+    # One write per line: prepare's two lanes log from two threads.
+    sys.stdout.write(f"[{time.strftime('%H:%M:%S')}] {message}\n")
+    sys.stdout.flush()
 
 
 def sh(
