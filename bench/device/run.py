@@ -102,6 +102,12 @@ def sh(
 
 # --- prepare --------------------------------------------------------------------------
 
+# The two lanes train and export at once, each with a thread per core. OpenMP's idle
+# threads spin, and two spinning pools on the same cores slowed the quick model from
+# ~70 s to its 400 s limit in the rehearsal on 2 cores (tests/conftest.py met the same
+# under pytest-xdist). Passive waiting keeps the threads without the spinning.
+PREPARE_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+
 
 def prepare(work: Path) -> int:
     """Data and models, in two lanes (each uses all cores for a while)."""
@@ -164,7 +170,7 @@ def prepare(work: Path) -> int:
                 steps[step] = {"rc": 0, "seconds": 0.0, "tail": ["made by an earlier prepare"]}
                 continue
             log(f"prepare: {step}")
-            steps[step] = sh(command, timeout, logs / f"prepare-{step}.log")
+            steps[step] = sh(command, timeout, logs / f"prepare-{step}.log", PREPARE_ENV)
             log(f"prepare: {step} rc={steps[step]['rc']} in {steps[step]['seconds']} s")
             if steps[step]["rc"] == 0:
                 made.parent.mkdir(parents=True, exist_ok=True)

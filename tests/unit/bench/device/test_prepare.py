@@ -24,6 +24,7 @@ def test_prepare_makes_each_step_once_and_says_who_runs_it(
 
     def fake_sh(command: list[str], timeout: float, log_file: Path, env: Any = None) -> Any:
         made.append(log_file.name.removeprefix("prepare-").removesuffix(".log"))
+        assert env == {"OMP_WAIT_POLICY": "PASSIVE"}  # two lanes share the cores
         return {"rc": 1 if "resnet50" in log_file.name else 0, "seconds": 0.1, "tail": []}
 
     monkeypatch.setattr(run, "sh", fake_sh)
