@@ -61,6 +61,15 @@ def tree_rss_mb(pid: int) -> float:
     return sum(rss_mb(p) for p in process_tree(pid))
 
 
+def alive(pid: int) -> bool:
+    """Running, and not a zombie waiting for a parent to reap it."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # the state follows "(comm)"
+
+
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 

@@ -15,11 +15,11 @@ CUDA = "CUDAExecutionProvider"
 STAGES = ("env", "gpu_tests", "limit", "server", "cpu_workers")
 
 
-def cuda_problem(results: dict[str, Any], rehearsal: bool = False) -> str | None:
+def cuda_problem(results: dict[str, Any]) -> str | None:
     """Why the GPU stages cannot measure a GPU, from the env stage; None if CUDA ran (or
     env could not tell, when the GPU stages try for themselves). In a rehearsal (no GPU
     on purpose) there is none: the stages run on the CPU to prove their code."""
-    if rehearsal:
+    if results.get("rehearsal"):
         return None
     env = results.get("env")
     if not isinstance(env, dict) or "cuda_session" not in env:
@@ -122,7 +122,7 @@ def report_markdown(results: dict[str, Any]) -> str:
     if results.get("rehearsal"):
         lines += ["A rehearsal without a GPU: the GPU stages ran on the CPU.", ""]
     problem = cuda_problem(results)
-    if problem and not results.get("rehearsal"):
+    if problem:
         lines += [f"**{problem}.** The GPU stages were skipped; see env in results.json.", ""]
     lines += ["## stages", *(stage_line(n, results.get(n)) for n in STAGES)]
     lines.append(f"- waited for prepare: {results.get('waited_for_prepare_s')} s")

@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 
 from bench.device.report import cuda_problem, report_markdown
+from bench.processes import alive
 
 ROOT = Path(__file__).resolve().parents[2]
 CUDA_PROVIDERS = "CUDAExecutionProvider,CPUExecutionProvider"
@@ -185,21 +186,13 @@ def prepare(work: Path) -> int:
     return 0
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
-
-
 def prepare_running(work: Path) -> bool:
     """Whether the process that last started prepare (its pid in prepare.pid) lives."""
     try:
         pid = int((work / "prepare.pid").read_text())
     except (OSError, ValueError):
         return False
-    return _alive(pid)
+    return alive(pid)
 
 
 def ensure_preparing(work: Path) -> threading.Thread | None:
@@ -327,8 +320,7 @@ class Run:
         self.gpu = GpuSampler(self.logs / "nvidia-smi.log")
         # bench/device/rehearse.sh: no GPU here on purpose; the GPU stages run on whatever
         # provider starts, so that their code is proven before a loan.
-        self.rehearsal = os.environ.get("IMGCLF_DEVICE_REHEARSAL") == "1"
-        self.results["rehearsal"] = self.rehearsal
+        self.results["rehearsal"] = os.environ.get("IMGCLF_DEVICE_REHEARSAL") == "1"
         self.photos = self._photos()
 
     def left(self) -> float:
@@ -467,7 +459,7 @@ class Run:
     # --- 3. limit -------------------------------------------------------------------
 
     def limit(self) -> dict[str, Any]:
-        problem = cuda_problem(self.results, self.rehearsal)
+        problem = cuda_problem(self.results)
         if problem:  # the minutes go to the stages that can still measure something
             return {"skipped": problem}
         out: dict[str, Any] = {}
@@ -598,7 +590,7 @@ class Run:
     def server(self) -> dict[str, Any]:
         from bench.processes import ServerProcess
 
-        problem = cuda_problem(self.results, self.rehearsal)
+        problem = cuda_problem(self.results)
         if problem:
             return {"skipped": problem}
         repository = self.work / "serve-gpu"

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from bench.load import check_loopback
+from bench.processes import alive
 from tests.integration.service.conftest import ServerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -194,15 +195,6 @@ time.sleep(600)
 """
 
 
-def _alive(pid: int) -> bool:
-    """Running, and not a zombie waiting for a parent to reap it."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # the state follows "(comm)"
-
-
 def test_sigterm_to_bench_report_stops_its_servers_and_the_peer(
     quick_model: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -261,7 +253,7 @@ def test_sigterm_to_bench_report_stops_its_servers_and_the_peer(
     report.send_signal(signal.SIGTERM)
     assert report.wait(60) == 128 + signal.SIGTERM
     deadline = time.monotonic() + 30
-    while any(_alive(pid) for pid in [peer_pid, *server_pids, *floor_pids]):
+    while any(alive(pid) for pid in [peer_pid, *server_pids, *floor_pids]):
         assert time.monotonic() < deadline, "the peer or a server outlived bench report"
         time.sleep(0.2)
 
@@ -309,10 +301,10 @@ def test_the_grpc_floor_ends_when_the_bench_that_started_it_is_killed() -> None:
     )
     assert bench.stdout is not None
     floor_pid = int(bench.stdout.readline())
-    assert _alive(floor_pid)
+    assert alive(floor_pid)
     bench.kill()  # no finally block runs: only the kernel can tell the floor
     bench.wait(10)
     deadline = time.monotonic() + 30
-    while _alive(floor_pid):
+    while alive(floor_pid):
         assert time.monotonic() < deadline, "the floor server outlived its bench"
         time.sleep(0.2)

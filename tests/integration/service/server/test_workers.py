@@ -16,6 +16,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench.processes import alive
 from service.model.cores import cpu_count
 from service.proto_gen.classifier.v1 import classifier_pb2 as pb
 from service.proto_gen.classifier.v1 import classifier_pb2_grpc as pb_grpc
@@ -220,14 +221,6 @@ def test_workers_that_keep_crashing_stop_the_server_with_an_error(tmp_path: Path
     assert time.monotonic() - started < 30  # gave up rather than looping for ever
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"  # an exited orphan may wait for a reaper
-
-
 def test_workers_exit_when_the_supervisor_is_killed_and_the_next_one_sweeps_its_files(
     start_server: type[ServerProcess], quick_model: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -239,11 +232,11 @@ def test_workers_exit_when_the_supervisor_is_killed_and_the_next_one_sweeps_its_
     server = start_server(quick_model["repository"], *args, env=env)
     server.wait_for_event("serving")
     pids = list(worker_pids(server).values())
-    assert len(pids) == 2 and all(_alive(p) for p in pids)
+    assert len(pids) == 2 and all(alive(p) for p in pids)
     [killed_dir] = tmp_path.glob("imgclf-workers-*")
     server.process.kill()
     server.process.wait(10)
-    wait_for(lambda: not any(_alive(p) for p in pids), 30, "the orphaned workers to exit")
+    wait_for(lambda: not any(alive(p) for p in pids), 30, "the orphaned workers to exit")
     assert killed_dir.is_dir() and any(killed_dir.glob("counter_*.db"))  # left behind
 
     second = start_server(quick_model["repository"], *args, env=env)

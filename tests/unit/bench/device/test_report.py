@@ -22,6 +22,7 @@ def test_cuda_problem_is_read_from_the_env_stage() -> None:
     problem = cuda_problem(run(env=CPU_ONLY))
     assert problem is not None
     assert "CUDA could not start" in problem and "CPUExecutionProvider" in problem
+    assert cuda_problem(run(env=CPU_ONLY, rehearsal=True)) is None  # no GPU on purpose
 
 
 def test_every_stage_says_whether_it_ran_was_skipped_or_failed() -> None:
